@@ -1,0 +1,129 @@
+"""The whole pipeline on the example model, in one command (`intraslice demo`, `make demo`).
+
+1. build the example model (SmolLM2-135M-Instruct) as a Hugging Face folder;
+2. compress it at 30% of decoder parameters, with a prefill-only-pruning skip set;
+3. serve dense, dense+POP, pruned and pruned+POP with vLLM (one at a time, identical settings),
+   send a few requests to each, and load-test them side by side;
+4. print the load-test report's table.
+
+Every stage is skipped when its output already exists, so a second run only re-measures.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from openai import OpenAI
+
+from serving.server import VllmServer
+
+DEMO_RATIO = 0.3
+SAMPLE_PROMPTS = ["The capital of France is", "Explain in one sentence what a hash table is."]
+
+
+def stage(title: str) -> None:
+    print(f"\n=== {title}", flush=True)
+
+
+@dataclass
+class Variant:
+    name: str
+    model_dir: Path
+    hf_overrides: dict | None = None  # e.g. POP switched on at serve time
+
+    @property
+    def serve_args(self) -> list[str]:
+        args = ["--served-model-name", self.name]
+        return args + (["--hf-overrides", json.dumps(self.hf_overrides)] if self.hf_overrides else [])
+
+
+def build_example(work_dir: Path) -> Path:
+    from intraslice.example_model import build_example_model
+
+    path = work_dir / "smollm2-135m"
+    if (path / "model.safetensors").is_file():
+        print(f"reusing {path}")
+    else:
+        build_example_model(path, dtype=torch.float32)
+        print(f"wrote {path}")
+    return path
+
+
+def compress_example(dense_dir: Path, work_dir: Path) -> Path:
+    from intraslice.compressor import CompressionSettings, compress
+
+    path = work_dir / f"smollm2-135m-pruned{int(DEMO_RATIO * 100)}"
+    if (path / "config.json").is_file():
+        print(f"reusing {path}")
+    else:
+        compress(dense_dir, path, CompressionSettings(ratio=DEMO_RATIO))
+    report = json.loads((path / "intraslice_report.json").read_text())
+    print(json.dumps(report.get("summary", {}), indent=2))
+    return path
+
+
+def pop_variants(dense_dir: Path, pruned_dir: Path | None) -> list[Variant]:
+    from intraslice.pop import choose_skip_set
+
+    skip = choose_skip_set(dense_dir, fraction=1 / 3)
+    print(f"POP skip set (prefill only): layers {skip}")
+    variants = [Variant("dense+pop", dense_dir,
+                        {"architectures": ["IntraSliceLlamaForCausalLM"], "pop_skip_layers": skip})]
+    if pruned_dir is not None:
+        pruned_skip = json.loads((pruned_dir / "config.json").read_text()).get("pop_skip_layers") or skip
+        variants.append(Variant("pruned+pop", pruned_dir, {"pop_skip_layers": pruned_skip}))
+    return variants
+
+
+def smoke_requests(variant: Variant) -> None:
+    """A few real requests through the OpenAI API, printed so that a person sees the model talk."""
+    with VllmServer(variant.model_dir, extra_args=variant.serve_args) as server:
+        client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY")
+        for prompt in SAMPLE_PROMPTS:
+            reply = client.chat.completions.create(model=variant.name, temperature=0, max_tokens=40,
+                                                   messages=[{"role": "user", "content": prompt}])
+            print(f"[{variant.name}] {prompt!r} -> {reply.choices[0].message.content.strip()!r}")
+
+
+def run_demo(work_dir: Path, quick: bool = False) -> None:
+    start = time.monotonic()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    skipped: list[str] = []
+
+    stage("1/4 example model")
+    dense_dir = build_example(work_dir)
+    variants = [Variant("dense", dense_dir)]
+
+    stage(f"2/4 compress at ratio {DEMO_RATIO}")
+    pruned_dir = None
+    try:
+        pruned_dir = compress_example(dense_dir, work_dir)
+        variants.append(Variant("pruned", pruned_dir))
+    except ImportError:
+        skipped.append("compression (the compressor is not installed in this version)")
+
+    try:
+        variants += pop_variants(dense_dir, pruned_dir)
+    except ImportError:
+        skipped.append("prefill-only pruning (not installed in this version)")
+
+    stage("3/4 serve each model and send requests")
+    for variant in variants:
+        smoke_requests(variant)
+
+    stage("4/4 load test, side by side")
+    try:
+        from loadtests.harness import print_summary, run_for_demo
+    except ImportError:
+        skipped.append("load test (the harness is not installed in this version)")
+    else:
+        report_dir = run_for_demo([(v.name, v.model_dir, v.serve_args) for v in variants],
+                                  work_dir / "loadtest-report", quick=quick)
+        print_summary(report_dir)
+
+    print(f"\ndemo finished in {time.monotonic() - start:.0f} s; outputs in {work_dir}")
+    for item in skipped:
+        print(f"skipped: {item}")
