@@ -1,0 +1,83 @@
+"""Benchmark of `intraslice compress` on the example model: a table of params, KV-cache bytes per token,
+held-out perplexity on the calibration's domain (pydoc prose) and on another domain (the King James
+Bible), compression time and peak RSS, at R = 0.1..0.4, plus ablations at R = 0.3 (allocation
+global-pca vs global vs uniform; least-squares compensation on vs off).
+
+    .venv/bin/python benchmarks/bench_compress.py [--work-dir DIR] [--ratios 0.1 0.2 0.3 0.4] [--no-ablations]
+
+Each compression runs as its own `intraslice compress` process (default options), so its time and
+peak RSS are its own. Perplexities: `--eval-samples` x 512 tokens of each evaluation split.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from intraslice.data import KJV_SOURCE
+from intraslice.evaluate import evaluate_dir
+
+DOMAINS = {"same": None, "other": KJV_SOURCE}
+
+
+def run_compress(model: Path, out: Path, ratio: float, extra: list[str]) -> dict:
+    command = [sys.executable, "-m", "intraslice.cli", "compress", str(model), str(out), "--ratio", str(ratio),
+               "--overwrite", *extra]
+    start = time.perf_counter()
+    subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    report = json.loads((out / "intraslice_report.json").read_text())
+    report["wall_seconds"] = time.perf_counter() - start
+    return report
+
+
+def perplexities(model_dir: Path, samples: int) -> dict[str, float]:
+    return {name: evaluate_dir(model_dir, source, samples, 512)["perplexity"] for name, source in DOMAINS.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="dense model folder (default: build the example model)")
+    parser.add_argument("--work-dir", default="bench-compress", help="where the checkpoints go")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4])
+    parser.add_argument("--no-ablations", action="store_true")
+    parser.add_argument("--eval-samples", type=int, default=16)
+    args = parser.parse_args()
+    work = Path(args.work_dir)
+    model = Path(args.model) if args.model else work / "example-model"
+    if not args.model and not (model / "model.safetensors").is_file():
+        from intraslice.example_model import build_example_model
+        build_example_model(model, overwrite=True)
+    runs = [(f"R={r} global-pca", r, []) for r in args.ratios]
+    if not args.no_ablations:
+        runs += [("R=0.3 global", 0.3, ["--allocation", "global"]), ("R=0.3 uniform", 0.3, ["--allocation", "uniform"]),
+                 ("R=0.3 no least squares", 0.3, ["--no-compensation"])]
+    dense = perplexities(model, args.eval_samples)
+    rows = []
+    for name, ratio, extra in runs:
+        out = work / name.replace(" ", "_").replace("=", "")
+        report = run_compress(model, out, ratio, extra)
+        ppl = perplexities(out, args.eval_samples)
+        rows.append((name, report, ppl))
+        print(f"done: {name}", file=sys.stderr, flush=True)
+    header = ("| run | removed | decoder params | KV B/token | ppl same (x dense) | ppl other (x dense) "
+              "| time s | peak RSS MB |")
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    first = rows[0][1] if rows else None
+    if first:
+        print(f"| dense | 0 | {first['decoder_params']['dense']:,} | {first['kv_cache_bytes_per_token']['dense']:,} "
+              f"| {dense['same']:.3f} | {dense['other']:.3f} | | |")
+    for name, report, ppl in rows:
+        peak = max(stage["peak_rss_mb"] for stage in report["stages"].values())
+        print(f"| {name} | {report['achieved_ratio']:.3f} | {report['decoder_params']['pruned']:,} "
+              f"| {report['kv_cache_bytes_per_token']['pruned']:,} "
+              f"| {ppl['same']:.3f} ({ppl['same'] / dense['same']:.2f}x) "
+              f"| {ppl['other']:.3f} ({ppl['other'] / dense['other']:.2f}x) "
+              f"| {report['wall_seconds']:.0f} | {peak:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Model-family specifics in one place: which architectures the compressor accepts, where a decoder
+layer's weights live in the checkpoint, and how to read them one layer at a time.
+
+Supported: the Llama family as transformers writes it (`LlamaForCausalLM`: Llama 2/3/3.x including
+Llama-3 rope scaling, SmolLM/SmolLM2, TinyLlama, ...) and `MistralForCausalLM` without sliding-window
+attention (then it is a Llama). Projections `q/k/v/o_proj`, `gate/up/down_proj`, RMSNorms
+`input_layernorm`/`post_attention_layernorm`, RoPE in the rotate-half layout (dim j pairs with j + d/2).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from transformers import LlamaConfig
+
+from intraslice.io import UserError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM (without sliding window)")
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_prefix(index: int) -> str:
+    return f"model.layers.{index}."
+
+
+def load_llama_config(model_dir: str | Path, allow_pruned: bool = False) -> LlamaConfig:
+    """The model's config as a `LlamaConfig`, after checking that the folder holds a supported model."""
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise UserError(f"model folder {model_dir} does not exist")
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{model_dir} has no config.json; expected a Hugging Face model folder")
+    try:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{config_file} is not valid JSON: {error}") from None
+    architectures = raw.get("architectures") or []
+    arch = architectures[0] if architectures else raw.get("model_type", "unknown")
+    pruned = arch == "IntraSliceLlamaForCausalLM"
+    supported = arch == "LlamaForCausalLM" or (arch == "MistralForCausalLM" and raw.get("sliding_window") is None)
+    if pruned and not allow_pruned:
+        raise UserError(f"{model_dir} is already an IntraSlice checkpoint; compress the dense source model instead")
+    if not (supported or pruned):
+        raise UserError(f"unsupported architecture {arch} in {model_dir}; supported: "
+                        f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    raw = {key: value for key, value in raw.items() if key not in ("model_type", "sliding_window")}
+    return LlamaConfig(**raw)
+
+
+class CheckpointWeights:
+    """Tensors of a safetensors checkpoint (single file or sharded), read by name on demand, so that
+    only the tensors in use are resident. Corrupt or truncated files are refused when opened."""
+
+    def __init__(self, model_dir: str | Path):
+        path = Path(model_dir)
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = {name: path / shard for name, shard in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            files = None
+        else:
+            raise UserError(f"{model_dir} has no model.safetensors (other weight formats are not supported)")
+        self.handles = {}
+        for file in sorted({*files.values()} if files else {path / "model.safetensors"}):
+            self.handles[file] = open_checked(file)
+        if files is None:
+            (file, handle), = self.handles.items()
+            files = {name: file for name in handle.keys()}
+        self.files = files
+
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.files:
+            raise UserError(f"checkpoint has no tensor {name}")
+        try:
+            return self.handles[self.files[name]].get_tensor(name)
+        except SafetensorError as error:
+            raise UserError(f"cannot read {name} from {self.files[name]}: {error}") from None
+
+    def layer(self, index: int) -> dict[str, torch.Tensor]:
+        """The tensors of decoder layer `index`, named relative to the layer."""
+        prefix = layer_prefix(index)
+        return {name[len(prefix):]: self.get(name) for name in self.files if name.startswith(prefix)}
+
+
+def open_checked(file: Path):
+    """safe_open, which also refuses truncated files (the header must cover the whole file)."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise UserError(f"{file} is not a readable safetensors file: {error}") from None

@@ -1,0 +1,178 @@
+"""Per-layer pruning ratios (attention, MLP) under one global parameter budget.
+
+Methods (see docs and the paper digest, methods.md §1.3):
+- `global-pca` (default, the paper's estimator): Fisher scores of multiplicative masks on the o_proj
+  input and the down_proj input. Each head's mask gradient is taken in the head's PCA basis (exactly:
+  diag(Q^T M Q), with M the per-head sum of x^T dL/dx and Q the eigenvectors of the head's input
+  covariance), grouped into units of `head_dim/frac` principal components, largest first.
+- `global`: the same with plain per-channel masks (no rotation), units of whole heads when frac = 1.
+- `uniform`: every layer loses the same fraction.
+Fisher importance of a unit = sum over sample groups of (sum of its gradients)^2. The MLP keeps the
+global top (1 - R) of its neurons; attention units take the rest of the budget, counted for the real
+GQA layout (a query head costs its q/o rows plus its share of k/v). No layer loses more than 80%;
+the excess goes to the other layers in proportion to their ratios.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from intraslice.calibration import eigh_descending
+from intraslice.modeling_intraslice import dense_head_dim
+
+MAX_LAYER_RATIO = 0.8
+
+
+@dataclass
+class LayerBudgets:
+    """Pruning ratios per layer and the parameters each module may keep."""
+    attention_ratio: list[float]
+    mlp_ratio: list[float]
+    attention_params: list[float]
+    mlp_params: list[float]
+
+
+def attention_params(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int) -> int:
+    """Weights of q/k/v/o_proj (biases are not counted)."""
+    return hidden * head_dim * (2 * num_heads + 2 * num_kv_heads)
+
+
+def mlp_params(hidden: int, intermediate: int) -> int:
+    return 3 * hidden * intermediate
+
+
+def decoder_layer_params(hidden: int, num_heads: int, num_kv_heads: int, head_dim: int, intermediate: int) -> int:
+    """All weights of one decoder layer, the two RMSNorms included."""
+    return attention_params(hidden, num_heads, num_kv_heads, head_dim) + mlp_params(hidden, intermediate) + 2 * hidden
+
+
+def module_keep_fraction(config, ratio: float) -> float:
+    """Fraction of attention+MLP weights to keep so that `ratio` of all decoder-layer weights go
+    (the norms are never pruned, so the modules lose slightly more than `ratio`)."""
+    d, h, g, hd, i = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                      dense_head_dim(config), config.intermediate_size)
+    total = decoder_layer_params(d, h, g, hd, i)
+    return ((1 - ratio) * total - 2 * d) / (total - 2 * d)
+
+
+@dataclass
+class FisherStats:
+    """Sample-group gradient statistics from `fisher_statistics`."""
+    head_grad_outer: torch.Tensor  # [groups, L, H, dh, dh]: per head, sum_t x_t^T dL/dx_t at the o_proj input
+    head_cov: torch.Tensor          # [L, H, dh, dh]: per-head blocks of the o_proj input covariance
+    neuron_grad: torch.Tensor       # [groups, L, I]: sum_t a_tj dL/da_tj at the down_proj input
+
+
+def fisher_statistics(model, tokens: torch.Tensor, group_size: int, micro_batch: int) -> FisherStats:
+    """Forward and backward passes over `tokens` (LM loss), weights frozen, recording mask gradients
+    per group of `group_size` samples (the paper stabilises Fisher scores this way)."""
+    config = model.config
+    L, H, dh, I = (config.num_hidden_layers, config.num_attention_heads, dense_head_dim(config),
+                   config.intermediate_size)
+    groups = -(-tokens.shape[0] // group_size)
+    stats = FisherStats(torch.zeros(groups, L, H, dh, dh, dtype=torch.float64),
+                        torch.zeros(L, H, dh, dh, dtype=torch.float64),
+                        torch.zeros(groups, L, I, dtype=torch.float64))
+    current = {"group": 0}
+
+    def head_hook(index):
+        def hook(module, args):
+            x = args[0]
+            xs = x.detach().reshape(-1, H, dh).double()
+            stats.head_cov[index] += torch.einsum("nha,nhb->hab", xs, xs).cpu()
+
+            def record(grad: torch.Tensor) -> None:
+                stats.head_grad_outer[current["group"], index] += torch.einsum(
+                    "nha,nhb->hab", xs, grad.reshape(-1, H, dh).double()).cpu()
+            x.register_hook(record)
+        return hook
+
+    def neuron_hook(index):
+        def hook(module, args):
+            a = args[0]
+            a_flat = a.detach().reshape(-1, I).double()
+
+            def record(grad: torch.Tensor) -> None:
+                stats.neuron_grad[current["group"], index] += (a_flat * grad.reshape(-1, I).double()).sum(0).cpu()
+            a.register_hook(record)
+        return hook
+
+    handles = [model.model.embed_tokens.register_forward_hook(lambda m, a, out: out.requires_grad_(True))]
+    for index, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(index)))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(index)))
+    model.requires_grad_(False)
+    try:
+        for start in tqdm(range(0, tokens.shape[0], micro_batch), desc="allocation: gradients", unit="batch"):
+            current["group"] = start // group_size
+            batch = tokens[start:start + micro_batch]
+            model(batch, labels=batch).loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return stats
+
+
+def unit_importance(stats: FisherStats, method: str, frac: int) -> torch.Tensor:
+    """Fisher importance [L, H * frac] of attention units: blocks of dh/frac channels (global) or of
+    dh/frac principal components, largest eigenvalue first (global-pca)."""
+    groups, L, H, dh, _ = stats.head_grad_outer.shape
+    if dh % frac:
+        raise ValueError(f"--global-frac {frac} does not divide head_dim {dh}")
+    grads = torch.empty(groups, L, H, dh, dtype=torch.float64)
+    for layer in range(L):
+        for head in range(H):
+            outer = stats.head_grad_outer[:, layer, head]
+            if method == "global-pca":
+                _, basis = eigh_descending(stats.head_cov[layer, head])
+                outer = basis.T @ outer @ basis
+            grads[:, layer, head] = outer.diagonal(dim1=-2, dim2=-1)
+    units = grads.reshape(groups, L, H, frac, dh // frac).sum(-1)
+    return units.pow(2).sum(0).reshape(L, H * frac)
+
+
+def cap_ratios(ratios: torch.Tensor, cap: float = MAX_LAYER_RATIO) -> torch.Tensor:
+    """Clip ratios at `cap`; give the excess to the uncapped layers in proportion to their ratios."""
+    ratios = ratios.clone().double()
+    for _ in range(len(ratios)):
+        excess = (ratios - cap).clamp(min=0).sum()
+        ratios = ratios.clamp(max=cap)
+        open_layers = ratios < cap
+        if excess <= 1e-12 or not open_layers.any():
+            break
+        weights = ratios * open_layers
+        weights = weights / weights.sum() if weights.sum() > 0 else open_layers.double() / open_layers.sum()
+        ratios = ratios + excess * weights
+    return ratios
+
+
+def global_ratios(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
+    """Per-layer pruned fraction when the `keep_count` globally top-scored units [L, U] are kept."""
+    L, U = scores.shape
+    keep_count = max(0, min(int(keep_count), L * U))
+    kept = torch.zeros(L * U, dtype=torch.bool)
+    kept[scores.flatten().argsort(descending=True)[:keep_count]] = True
+    return 1 - kept.view(L, U).double().sum(1) / U
+
+
+def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac: int) -> LayerBudgets:
+    """Per-layer ratios and parameter budgets for removing `ratio` of the decoder-layer weights."""
+    d, H, G, dh, I, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         dense_head_dim(config), config.intermediate_size, config.num_hidden_layers)
+    keep = module_keep_fraction(config, ratio)
+    dense_attention, dense_mlp = attention_params(d, H, G, dh), mlp_params(d, I)
+    if method == "uniform":
+        attention_ratio = mlp_ratio = torch.full((L,), 1 - keep, dtype=torch.float64)
+    else:
+        kept_neurons = int(L * I * keep)
+        mlp_ratio = global_ratios(stats.neuron_grad.pow(2).sum(0), kept_neurons)
+        unit_frac = frac if method == "global-pca" else 1
+        unit_cost = dense_attention / (H * unit_frac)
+        attention_budget = keep * L * (dense_attention + dense_mlp) - kept_neurons * 3 * d
+        attention_ratio = global_ratios(unit_importance(stats, method, unit_frac),
+                                        round(attention_budget / unit_cost))
+    attention_ratio, mlp_ratio = cap_ratios(attention_ratio), cap_ratios(mlp_ratio)
+    return LayerBudgets(attention_ratio.tolist(), mlp_ratio.tolist(),
+                        ((1 - attention_ratio) * dense_attention).tolist(), ((1 - mlp_ratio) * dense_mlp).tolist())

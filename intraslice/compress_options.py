@@ -1,0 +1,63 @@
+"""Options of `intraslice compress`, in a module without heavy imports (the CLI builds its parser from
+these defaults without importing torch)."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from intraslice.io import UserError
+
+ALLOCATION_METHODS = ("global-pca", "global", "uniform")
+SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
+TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned output, or the dense model's
+
+# Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).
+VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+MAX_RATIO = 0.9
+
+
+@dataclass
+class CompressOptions:
+    """Every knob of a run. Defaults are sized for the example model on 2 CPU cores; the paper uses
+    128 x 2048 calibration tokens (`--samples 128 --seq-len 2048`, with enough text)."""
+    ratio: float
+    allocation: str = "global-pca"
+    calibration: str | None = None
+    text_field: str = "text"
+    samples: int = 32
+    seq_len: int = 512
+    seed: int = 0
+    allocation_samples: int = 16
+    group_size: int = 4
+    global_frac: int = 4
+    head_dims: tuple[int, ...] = VLLM_HEAD_DIMS
+    tp_size: int = 1
+    mlp_multiple: int = 8
+    compensate: bool = True
+    target: str = "own"
+    shape_selection: str = "error"
+    eval_samples: int = 16
+    batch_size: int = 4
+    device: str = "cpu"
+    pop_skip: str | None = None
+    overwrite: bool = False
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+
+
+def validate(options: CompressOptions) -> None:
+    if not 0 <= options.ratio <= MAX_RATIO:
+        raise UserError(f"--ratio {options.ratio} is out of range; it must be between 0 and {MAX_RATIO}")
+    if options.allocation not in ALLOCATION_METHODS:
+        raise UserError(f"--allocation {options.allocation!r}: choose one of {', '.join(ALLOCATION_METHODS)}")
+    if options.pop_skip not in (None, "auto") and not str(options.pop_skip).isdigit():
+        raise UserError(f"--pop-skip {options.pop_skip!r}: give auto or a number of layers")
+    if options.shape_selection not in SHAPE_SELECTIONS:
+        raise UserError(f"--shape-selection {options.shape_selection!r}: choose one of {', '.join(SHAPE_SELECTIONS)}")
+    if options.target not in TARGETS:
+        raise UserError(f"--target {options.target!r}: choose one of {', '.join(TARGETS)}")
+    if options.tp_size < 1 or options.mlp_multiple < 1 or options.batch_size < 1 or options.group_size < 1:
+        raise UserError("--tp-size, --mlp-multiple, --batch-size and --group-size must be >= 1")
+    if any(d < 2 or d % 2 for d in options.head_dims):
+        raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
+    if options.allocation_samples > options.samples:
+        raise UserError(f"--allocation-samples {options.allocation_samples} exceeds --samples {options.samples}")

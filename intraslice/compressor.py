@@ -1,0 +1,239 @@
+"""`intraslice compress`: the IntraSlice compressor, in the order of the algorithm.
+
+    calibration text ─► per-layer ratios (global estimator) ─► layer by layer, on the already
+    compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least squares) then MLP
+    (channel selection, least squares) ─► export (a physically smaller checkpoint) + report
+
+Memory: the ratio estimator needs gradients through the whole dense model (one copy); compression then
+streams the source checkpoint one decoder layer at a time, keeping only that layer, the calibration
+activations and the (smaller) compressed layers. The input folder is never written to; the output
+appears whole or not at all (`atomic_output_dir`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import resource
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from intraslice.adapters import CheckpointWeights, layer_prefix, load_llama_config
+from intraslice.allocation import (LayerBudgets, allocate, attention_params, decoder_layer_params,
+                                   fisher_statistics, mlp_params)
+from intraslice.calibration import embed_batches, positions_for
+from intraslice.compress_options import CompressOptions, validate
+from intraslice.compress_attention import AttentionOptions, compress_attention
+from intraslice.compress_mlp import compress_mlp, mlp_width
+from intraslice.data import describe_source, load_token_samples
+from intraslice.evaluate import perplexity
+from intraslice.export import pruned_config, write_checkpoint
+from intraslice.io import UserError, atomic_output_dir, check_output_dir
+from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
+                                            dense_layer_dims)
+
+class StageLog:
+    """Wall time and peak RSS of each stage, for the report."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+
+    @contextmanager
+    def stage(self, name: str):
+        start = time.perf_counter()
+        yield
+        self.stages[name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOptions) -> dict:
+    """Compress the dense checkpoint in `model_dir` into `out_dir`; returns the report."""
+    from transformers import AutoTokenizer
+
+    validate(options)
+    model_dir = Path(model_dir)
+    config = load_llama_config(model_dir)
+    weights = CheckpointWeights(model_dir)
+    check_output_dir(out_dir, options.overwrite)
+    if config.intermediate_size % options.mlp_multiple:
+        raise UserError(f"--mlp-multiple {options.mlp_multiple} does not divide the dense MLP width "
+                        f"{config.intermediate_size}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    log = StageLog()
+    with log.stage("calibration data"):
+        calibration = load_token_samples(tokenizer, options.calibration, options.samples, options.seq_len,
+                                         options.seed, "calibration", options.text_field)
+        evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
+                                         options.seed, "evaluation", options.text_field)
+                      if options.eval_samples else None)
+    with log.stage("allocation"):
+        budgets, dense_ppl = allocate_ratios(model_dir, config, calibration, evaluation, options)
+    with log.stage("compression"):
+        dims, tensors = compress_layers(config, weights, calibration, budgets, options)
+    source_config = json.loads((model_dir / "config.json").read_text())
+    with log.stage("evaluation"):
+        model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
+        pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
+    pop_skip = choose_pop_skip(model, tokenizer, options) if options.pop_skip else []
+    dtype = weights.get("model.embed_tokens.weight").dtype
+    report = build_report(config, dims, budgets, options, log, dense_ppl, pruned_ppl, pop_skip, dtype)
+    with log.stage("export"), atomic_output_dir(out_dir, options.overwrite) as tmp:
+        out_tensors = {name: t.to(dtype) for name, t in model.state_dict().items()
+                       if not (name == "lm_head.weight" and config.tie_word_embeddings)}
+        write_checkpoint(tmp, model_dir, pruned_config(source_config, dims, pop_skip), out_tensors, report)
+    return report
+
+
+def allocate_ratios(model_dir: Path, config, calibration: torch.Tensor, evaluation: torch.Tensor | None,
+                    options: CompressOptions) -> tuple[LayerBudgets, float | None]:
+    """Per-layer budgets; the dense perplexity is measured here, while the dense model is loaded."""
+    if options.allocation == "uniform" and evaluation is None:
+        return allocate(config, options.ratio, "uniform", None, options.global_frac), None
+    model = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    model = model.to(options.device).eval()
+    dense_ppl = perplexity(model, evaluation, desc="perplexity (dense)") if evaluation is not None else None
+    stats = None
+    if options.allocation != "uniform" and options.ratio > 0:
+        stats = fisher_statistics(model, calibration[:options.allocation_samples].to(options.device),
+                                  options.group_size, micro_batch=min(2, options.group_size))
+    method = options.allocation if stats is not None else "uniform"
+    return allocate(config, options.ratio, method, stats, options.global_frac), dense_ppl
+
+
+@torch.no_grad()
+def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tensor, budgets: LayerBudgets,
+                    options: CompressOptions) -> tuple[list[LayerDims], dict[str, torch.Tensor]]:
+    """Compress every decoder layer, in order, on the outputs of the already compressed ones.
+    Rounding (head shapes, MLP multiples) is carried into the next MLP so the total budget holds.
+    With `target="dense"`, the dense model's stream runs alongside, and the least-squares folds fit
+    each module's output to what the dense model has at that point (correcting upstream drift)
+    instead of to the module's own unpruned output (the paper)."""
+    device = options.device
+    hidden = embed_batches(weights.get("model.embed_tokens.weight").to(device).float(), calibration.to(device),
+                           options.batch_size)
+    attention_options = AttentionOptions(options.head_dims, options.tp_size, options.compensate,
+                                         options.shape_selection)
+    multiple = math.lcm(options.mlp_multiple, options.tp_size)
+    dense = dense_layer_dims(config)
+    teacher = list(hidden) if options.target == "dense" else None
+    dims, tensors, carry = [], {}, 0.0  # carry: weights allowed but not yet spent
+    dense_mlp = mlp_params(config.hidden_size, config.intermediate_size)
+    for index in tqdm(range(config.num_hidden_layers), desc="compression: layers", unit="layer"):
+        layer = DecoderLayer(config, index, dense)
+        expected = layer.state_dict().keys()  # old checkpoints may also hold e.g. rotary inv_freq buffers
+        layer.load_state_dict({k: v.float() for k, v in weights.layer(index).items() if k in expected})
+        layer = layer.to(device).eval()
+        attention_targets = mlp_targets = None
+        if teacher is not None:  # the dense model's own stream: each module is fitted to undo upstream drift
+            teacher_mid = [t + dense_output(layer.self_attn, layer.input_layernorm(t)) for t in teacher]
+            teacher = [t + layer.mlp(layer.post_attention_layernorm(t)) for t in teacher_mid]
+            attention_targets = [t - h - bias(layer.self_attn.o_proj) for t, h in zip(teacher_mid, hidden)]
+        # the attention may undershoot its budget only by what this layer's MLP can take back
+        budget = budgets.attention_params[index] + carry
+        mlp_headroom = dense_mlp - budgets.mlp_params[index]
+        attention = compress_attention(layer.self_attn, [layer.input_layernorm(h) for h in hidden],
+                                       budget, budget - mlp_headroom, attention_options, attention_targets)
+        a = attention.dims
+        carry = budget - attention_params(config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim)
+        layer.self_attn = attention
+        mid = [h + dense_output(attention, layer.input_layernorm(h)) for h in hidden]
+        if teacher is not None:
+            mlp_targets = [t - m - bias(layer.mlp.down_proj) for t, m in zip(teacher, mid)]
+        width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)
+        carry += budgets.mlp_params[index] - mlp_params(config.hidden_size, width)
+        layer.mlp = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid], width,
+                                 options.compensate, mlp_targets)
+        layer.self_attn.dims = replace(a, intermediate_size=width)
+        dims.append(layer.self_attn.dims)
+        with torch.no_grad():
+            hidden = [h + layer.mlp(layer.post_attention_layernorm(h)) for h in mid]
+        tensors.update({layer_prefix(index) + k: v.detach().cpu() for k, v in layer.state_dict().items()})
+    return dims, tensors
+
+
+def dense_output(attention, x: torch.Tensor) -> torch.Tensor:
+    """Attention output (after o_proj) of normed inputs x, without a cache."""
+    pos = positions_for(x)
+    return attention(x, pos, None, 0, pos)
+
+
+def bias(linear: torch.nn.Linear) -> torch.Tensor | float:
+    return 0.0 if linear.bias is None else linear.bias
+
+
+def build_model(config: dict, weights: CheckpointWeights, layer_tensors: dict[str, torch.Tensor],
+                device: str) -> IntraSliceLlamaForCausalLM:
+    """The pruned model in memory (float32): compressed layers plus the source's embeddings, norm, head."""
+    from transformers import LlamaConfig
+
+    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
+    model = IntraSliceLlamaForCausalLM(llama_config)
+    state = dict(layer_tensors)
+    for name in weights.names():
+        if not name.startswith("model.layers."):
+            state[name] = weights.get(name).float()
+    if llama_config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: CompressOptions) -> list[int]:
+    """`--pop-skip auto|N`: the prefill-only skip set from the POP analysis (intraslice.pop)."""
+    from intraslice import pop
+
+    layers = model.config.num_hidden_layers
+    if options.pop_skip == "auto":
+        return pop.choose_skip_set(model, tokenizer=tokenizer, text=options.calibration)
+    count = int(options.pop_skip)
+    if not 0 <= count < layers:
+        raise UserError(f"--pop-skip {count}: must be auto or a number of layers in 0..{layers - 1}")
+    return pop.choose_skip_set(model, count / layers, tokenizer=tokenizer, text=options.calibration) if count else []
+
+
+def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: CompressOptions, log: StageLog,
+                 dense_ppl: float | None, pruned_ppl: float | None, pop_skip: list[int], dtype: torch.dtype) -> dict:
+    """intraslice_report.json: what was done, what it achieved, and what it cost."""
+    import transformers
+
+    dense = dense_layer_dims(config)
+    element = torch.tensor([], dtype=dtype).element_size()
+
+    def layer_params(d: LayerDims) -> int:
+        return decoder_layer_params(config.hidden_size, d.num_heads, d.num_kv_heads, d.head_dim, d.intermediate_size)
+
+    def kv_bytes(d: LayerDims) -> int:
+        return 2 * d.num_kv_heads * d.head_dim * element
+
+    dense_params = layer_params(dense) * config.num_hidden_layers
+    pruned_params = sum(layer_params(d) for d in dims)
+    return {
+        "command": options.command,
+        "options": {k: v for k, v in asdict(options).items() if k != "command"},
+        "requested_ratio": options.ratio,
+        "achieved_ratio": round(1 - pruned_params / dense_params, 5),
+        "decoder_params": {"dense": dense_params, "pruned": pruned_params},
+        "kv_cache_bytes_per_token": {"dense": kv_bytes(dense) * config.num_hidden_layers,
+                                     "pruned": sum(kv_bytes(d) for d in dims), "dtype": str(dtype)},
+        "calibration": {"text": describe_source(options.calibration), "samples": options.samples,
+                        "seq_len": options.seq_len, "seed": options.seed,
+                        "allocation_samples": options.allocation_samples},
+        "perplexity": {"text": describe_source(options.calibration), "split": "evaluation",
+                       "samples": options.eval_samples, "seq_len": options.seq_len,
+                       "dense": dense_ppl, "pruned": pruned_ppl},
+        "allocation": {"method": options.allocation, "attention_ratio": budgets.attention_ratio,
+                       "mlp_ratio": budgets.mlp_ratio},
+        "layers": [d.to_json() for d in dims],
+        "pop_skip_layers": pop_skip,
+        "stages": log.stages,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__},
+    }

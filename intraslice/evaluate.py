@@ -1,0 +1,48 @@
+"""Perplexity of any checkpoint (dense Llama or IntraSlice) with the reference model."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from intraslice.adapters import CheckpointWeights, load_llama_config
+from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
+
+
+def load_reference_model(model_dir: str | Path, device: str = "cpu") -> IntraSliceLlamaForCausalLM:
+    """A dense or pruned checkpoint in the reference model, float32, after checking its files."""
+    config = load_llama_config(model_dir, allow_pruned=True)
+    CheckpointWeights(model_dir)  # refuses corrupt or truncated safetensors with a one-line error
+    model = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    return model.to(device).eval()
+
+
+@torch.no_grad()
+def perplexity(model: IntraSliceLlamaForCausalLM, tokens: torch.Tensor, batch_size: int = 2,
+               desc: str = "perplexity") -> float:
+    """exp(mean next-token NLL) over every position of every sample [N, T] (each sample from position 0)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in tqdm(tokens.split(batch_size), desc=desc, unit="batch", leave=False):
+        batch = batch.to(device)
+        logits = model(batch).logits
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def evaluate_dir(model_dir: str | Path, source: str | None, num_samples: int, seq_len: int, seed: int = 0,
+                 split: str = "evaluation", text_field: str = "text", device: str = "cpu") -> dict:
+    """Perplexity of a checkpoint on `num_samples` x `seq_len` tokens of `split` of `source`."""
+    from transformers import AutoTokenizer
+
+    from intraslice.data import describe_source, load_token_samples
+
+    model = load_reference_model(model_dir, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = load_token_samples(tokenizer, source, num_samples, seq_len, seed, split, text_field)
+    return {"model": str(model_dir), "text": describe_source(source), "split": split, "samples": num_samples,
+            "seq_len": seq_len, "perplexity": perplexity(model, tokens)}

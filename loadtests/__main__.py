@@ -1,0 +1,6 @@
+"""`python -m loadtests`: see `loadtests.cli`."""
+import sys
+
+from loadtests.cli import main
+
+sys.exit(main())
