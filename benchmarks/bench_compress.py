@@ -27,7 +27,7 @@ def run_compress(model: Path, out: Path, ratio: float, extra: list[str]) -> dict
     command = [sys.executable, "-m", "intraslice.cli", "compress", str(model), str(out), "--ratio", str(ratio),
                "--overwrite", *extra]
     start = time.perf_counter()
-    subprocess.run(command, check=True, stderr=subprocess.DEVNULL)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     report = json.loads((out / "intraslice_report.json").read_text())
     report["wall_seconds"] = time.perf_counter() - start
     return report
