@@ -162,7 +162,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
 def dense_output(attention, x: torch.Tensor) -> torch.Tensor:
     """Attention output (after o_proj) of normed inputs x, without a cache."""
     pos = positions_for(x)
-    return attention(x, pos, None, 0, pos)
+    return attention(x, pos, None, 0, None)
 
 
 def bias(linear: torch.nn.Linear) -> torch.Tensor | float:

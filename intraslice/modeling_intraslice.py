@@ -172,20 +172,23 @@ class Attention(nn.Module):
         return k.transpose(1, 2), v.transpose(1, 2)
 
     def attend(self, x: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               key_positions: torch.Tensor) -> torch.Tensor:
-        """Attention output (before o_proj) [B, T, heads*D] of queries from x over keys k/v."""
+               key_positions: torch.Tensor | None) -> torch.Tensor:
+        """Attention output (before o_proj) [B, T, heads*D] of queries from x over keys k/v.
+        `key_positions=None`: the keys are the queries' own tokens (plain causal attention)."""
         B, T, _ = x.shape
         d = self.dims
         group = d.num_heads // d.num_kv_heads
         cos, sin = (t.repeat_interleave(group, dim=2) for t in self.rope_tables(positions))
         q = apply_rope(self.q_proj(x).view(B, T, d.num_heads, d.head_dim), cos, sin).transpose(1, 2)
         k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
-        mask = key_positions[:, None, None, :] <= positions[:, None, :, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=d.softmax_scale)
+        # Without a cache, is_causal takes SDPA's fast path; with one, queries see keys up to their position.
+        mask = None if key_positions is None else key_positions[:, None, None, :] <= positions[:, None, :, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             scale=d.softmax_scale)
         return out.transpose(1, 2).reshape(B, T, d.num_heads * d.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int,
-                key_positions: torch.Tensor) -> torch.Tensor:
+                key_positions: torch.Tensor | None) -> torch.Tensor:
         k, v = self.project_kv(x, positions)
         if cache is not None:
             k, v = cache.update(layer, k, v)
@@ -214,7 +217,7 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config, dims.intermediate_size)
 
     def forward(self, h: torch.Tensor, positions: torch.Tensor, cache: KVCache | None,
-                key_positions: torch.Tensor) -> torch.Tensor:
+                key_positions: torch.Tensor | None) -> torch.Tensor:
         h = h + self.self_attn(self.input_layernorm(h), positions, cache, self.index, key_positions)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -240,13 +243,14 @@ class IntraSliceLlamaModel(nn.Module):
         if positions is None:
             start = 0 if cache is None or cache.layers[0] is None else cache.layers[0][0].shape[2]
             positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        key_positions = torch.arange(int(positions.max()) + 1, device=positions.device).expand(positions.shape[0], -1)
+        key_positions = (None if cache is None else
+                         torch.arange(int(positions.max()) + 1, device=positions.device).expand(positions.shape[0], -1))
         h = self.embed_tokens(input_ids)
         for layer in self.layers:
             if layer.index in skip_layers:
                 h = layer.write_kv_only(h, positions, cache)
             else:
-                h = layer(h, positions, cache, key_positions if cache is not None else positions)
+                h = layer(h, positions, cache, key_positions)
         return self.norm(h)
 
 
