@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from checkpoints import cached_checkpoint, example_pruned_shapes, write_sliced
+from compare import comparison_prompts
 from serving.server import VllmServer
 
 CACHE = Path(os.environ.get("INTRASLICE_CACHE", Path.home() / ".cache" / "intraslice"))
@@ -26,6 +28,19 @@ def example_model_dir() -> Path:
     if not (path / "model.safetensors").is_file():
         build_example_model(path, dtype=torch.float32, overwrite=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def pruned_example_dir(example_model_dir) -> Path:
+    """The example model hand-sliced to ~30% fewer decoder parameters, non-uniform per-layer dims."""
+    return cached_checkpoint(CACHE, "example-pruned-handsliced",
+                             lambda out: write_sliced(example_model_dir, out, example_pruned_shapes()))
+
+
+@pytest.fixture(scope="session")
+def prompts(example_model_dir) -> list[list[int]]:
+    """Token ids of the short prompts and one 1,100-token prompt that vLLM is compared on."""
+    return comparison_prompts(example_model_dir)
 
 
 class ServerPool:

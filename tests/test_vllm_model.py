@@ -18,9 +18,9 @@ from openai import OpenAI
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from checkpoints import (Shape, cached_checkpoint, decoder_params, example_pruned_shapes, write_sliced,
+from checkpoints import (Shape, cached_checkpoint, decoder_params, write_sliced,
                          write_tiny_llama)
-from compare import (assert_same_greedy, comparison_prompts, load_reference, reference_greedy, served_greedy,
+from compare import (assert_same_greedy, load_reference, reference_greedy, served_greedy,
                      served_greedy_concurrent)
 from conftest import CACHE
 from serving.server import ServerError, VllmServer
@@ -41,18 +41,6 @@ def kv_cache_tokens(server: VllmServer) -> int:
 
 def client_of(server: VllmServer) -> OpenAI:
     return OpenAI(base_url=server.url + "/v1", api_key="EMPTY")
-
-
-@pytest.fixture(scope="module")
-def pruned_example_dir(example_model_dir) -> Path:
-    """The example model hand-sliced to ~30% fewer decoder parameters, non-uniform per-layer dims."""
-    return cached_checkpoint(CACHE, "example-pruned-handsliced",
-                             lambda out: write_sliced(example_model_dir, out, example_pruned_shapes()))
-
-
-@pytest.fixture(scope="module")
-def prompts(example_model_dir) -> list[list[int]]:
-    return comparison_prompts(example_model_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,8 @@ import pytest
 from openai import OpenAI
 from transformers import LlamaConfig
 
-from checkpoints import cached_checkpoint, example_pruned_shapes, write_sliced
-from compare import (assert_same_greedy, comparison_prompts, load_reference, max_logprob_diff, reference_greedy,
+from compare import (assert_same_greedy, load_reference, max_logprob_diff, reference_greedy,
                      served_greedy, served_greedy_concurrent)
-from conftest import CACHE
 
 MAX_TOKENS = 12
 SKIP = list(range(19, 29))  # one third of the 30 layers: the deepest but the last
@@ -22,17 +20,6 @@ POP_OVERRIDES = ("--hf-overrides", json.dumps({"pop_skip_layers": SKIP}))
 DENSE_POP_OVERRIDES = ("--hf-overrides", json.dumps({"pop_skip_layers": SKIP,
                                                      "architectures": ["IntraSliceLlamaForCausalLM"]}))
 CHUNKED = ("--max-num-batched-tokens", "256")
-
-
-@pytest.fixture(scope="module")
-def pruned_example_dir(example_model_dir) -> Path:
-    return cached_checkpoint(CACHE, "example-pruned-handsliced",
-                             lambda out: write_sliced(example_model_dir, out, example_pruned_shapes()))
-
-
-@pytest.fixture(scope="module")
-def prompts(example_model_dir) -> list[list[int]]:
-    return comparison_prompts(example_model_dir)
 
 
 def reference_pop(model_dir: Path, prompts: list[list[int]]) -> list:
