@@ -18,11 +18,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
 
         options = CompressOptions(
             ratio=args.ratio, allocation=args.allocation, calibration=args.text, text_field=args.text_field,
-            samples=args.samples, seq_len=args.seq_len, seed=args.seed, allocation_samples=args.allocation_samples,
-            group_size=args.group_size, global_frac=args.global_frac, head_dims=tuple(args.head_dims),
-            tp_size=args.tp_size, mlp_multiple=args.mlp_multiple, compensate=not args.no_compensation,
-            target=args.target, shape_selection=args.shape_selection,
-            eval_samples=args.eval_samples, batch_size=args.batch_size, device=args.device,
+            samples=args.samples, generated_fraction=args.generated_fraction, seq_len=args.seq_len, seed=args.seed,
+            allocation_samples=args.allocation_samples, group_size=args.group_size, global_frac=args.global_frac,
+            head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
+            compensate=not args.no_compensation, target=args.target, shape_selection=args.shape_selection,
+            mlp_selection=args.mlp_selection, eval_samples=args.eval_samples, batch_size=args.batch_size, device=args.device,
             pop_skip=args.pop_skip, overwrite=args.overwrite)
         report = compress(args.model_dir, args.out_dir, options)
         ppl = report["perplexity"]
@@ -31,8 +31,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
               f"B/token (dense {report['kv_cache_bytes_per_token']['dense']})"
               + (f"; held-out perplexity {ppl['dense']:.3f} -> {ppl['pruned']:.3f}" if ppl["pruned"] else ""))
 
-    from intraslice.compress_options import (ALLOCATION_METHODS, SHAPE_SELECTIONS, TARGETS, VLLM_HEAD_DIMS,
-                                            CompressOptions)
+    from intraslice.compress_options import (ALLOCATION_METHODS, MLP_SELECTIONS, SHAPE_SELECTIONS, TARGETS,
+                                            VLLM_HEAD_DIMS, CompressOptions)
 
     defaults = CompressOptions(ratio=0.0)
     p = sub.add_parser(
@@ -54,6 +54,10 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     p.add_argument("--samples", type=int, default=defaults.samples,
                    help=f"calibration samples (default: {defaults.samples})")
+    p.add_argument("--generated-fraction", type=float, default=defaults.generated_fraction,
+                   help="fraction of the calibration samples sampled from the dense model itself rather than "
+                        "taken from --text; generated text keeps the pruned model good on text of other domains "
+                        f"(default: {defaults.generated_fraction}; 0 calibrates on --text alone, as the paper)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len,
                    help=f"tokens per sample (default: {defaults.seq_len})")
     p.add_argument("--seed", type=int, default=0, help="which text windows are sampled (default: 0)")
@@ -76,6 +80,10 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="per-layer attention shape: the candidate with the lowest measured least-squares error "
                         "of the attention output (error), or the paper's retained PCA score (score) "
                         f"(default: {defaults.shape_selection})")
+    p.add_argument("--mlp-selection", choices=MLP_SELECTIONS, default=defaults.mlp_selection,
+                   help="MLP channels to keep: greedy elimination that accounts for the least-squares fold "
+                        "(obs, Optimal Brain Surgeon costs), or the paper's per-channel score C_jj ||W_down[:, j]||^2 "
+                        f"(score) (default: {defaults.mlp_selection})")
     p.add_argument("--target", choices=TARGETS, default=defaults.target,
                    help="least-squares target: each module's own unpruned output (own, the paper) or the dense "
                         f"model's output at that point, correcting upstream drift (dense) (default: {defaults.target})")

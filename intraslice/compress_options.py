@@ -9,6 +9,7 @@ from intraslice.io import UserError
 
 ALLOCATION_METHODS = ("global-pca", "global", "uniform")
 SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
+MLP_SELECTIONS = ("score", "obs")  # MLP channels: greedy elimination seeing the fold, or the paper's score
 TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned output, or the dense model's
 
 # Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).
@@ -25,6 +26,7 @@ class CompressOptions:
     calibration: str | None = None
     text_field: str = "text"
     samples: int = 32
+    generated_fraction: float = 0.5
     seq_len: int = 512
     seed: int = 0
     allocation_samples: int = 16
@@ -36,6 +38,7 @@ class CompressOptions:
     compensate: bool = True
     target: str = "own"
     shape_selection: str = "error"
+    mlp_selection: str = "score"
     eval_samples: int = 16
     batch_size: int = 4
     device: str = "cpu"
@@ -53,11 +56,15 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--pop-skip {options.pop_skip!r}: give auto or a number of layers")
     if options.shape_selection not in SHAPE_SELECTIONS:
         raise UserError(f"--shape-selection {options.shape_selection!r}: choose one of {', '.join(SHAPE_SELECTIONS)}")
+    if options.mlp_selection not in MLP_SELECTIONS:
+        raise UserError(f"--mlp-selection {options.mlp_selection!r}: choose one of {', '.join(MLP_SELECTIONS)}")
     if options.target not in TARGETS:
         raise UserError(f"--target {options.target!r}: choose one of {', '.join(TARGETS)}")
     if options.tp_size < 1 or options.mlp_multiple < 1 or options.batch_size < 1 or options.group_size < 1:
         raise UserError("--tp-size, --mlp-multiple, --batch-size and --group-size must be >= 1")
     if any(d < 2 or d % 2 for d in options.head_dims):
         raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
+    if not 0 <= options.generated_fraction <= 1:
+        raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
     if options.allocation_samples > options.samples:
         raise UserError(f"--allocation-samples {options.allocation_samples} exceeds --samples {options.samples}")

@@ -32,6 +32,7 @@ from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
 from intraslice.data import describe_source, load_token_samples
 from intraslice.evaluate import perplexity
+from intraslice.generated import sample_token_windows
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
@@ -68,14 +69,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
                         f"{config.intermediate_size}")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
-    with log.stage("calibration data"):
-        calibration = load_token_samples(tokenizer, options.calibration, options.samples, options.seq_len,
-                                         options.seed, "calibration", options.text_field)
-        evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
-                                         options.seed, "evaluation", options.text_field)
-                      if options.eval_samples else None)
-    with log.stage("allocation"):
-        budgets, dense_ppl = allocate_ratios(model_dir, config, calibration, evaluation, options)
+    calibration, evaluation, budgets, dense_ppl = calibrate_and_allocate(model_dir, config, tokenizer, options, log)
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
     source_config = json.loads((model_dir / "config.json").read_text())
@@ -92,20 +86,42 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     return report
 
 
-def allocate_ratios(model_dir: Path, config, calibration: torch.Tensor, evaluation: torch.Tensor | None,
-                    options: CompressOptions) -> tuple[LayerBudgets, float | None]:
-    """Per-layer budgets; the dense perplexity is measured here, while the dense model is loaded."""
-    if options.allocation == "uniform" and evaluation is None:
-        return allocate(config, options.ratio, "uniform", None, options.global_frac), None
-    model = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
-    model = model.to(options.device).eval()
-    dense_ppl = perplexity(model, evaluation, desc="perplexity (dense)") if evaluation is not None else None
-    stats = None
-    if options.allocation != "uniform" and options.ratio > 0:
-        stats = fisher_statistics(model, calibration[:options.allocation_samples].to(options.device),
-                                  options.group_size, micro_batch=min(2, options.group_size))
+def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: CompressOptions, log: StageLog
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None]:
+    """Calibration samples (text windows, plus samples drawn from the dense model), held-out
+    evaluation samples, per-layer budgets, and the dense perplexity, from one load of the dense model."""
+    generated = round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
+    with log.stage("calibration data"):
+        calibration = load_token_samples(tokenizer, options.calibration, options.samples - generated,
+                                         options.seq_len, options.seed, "calibration", options.text_field)
+        evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
+                                         options.seed, "evaluation", options.text_field)
+                      if options.eval_samples else None)
+    dense_ppl, stats = None, None
+    needs_fisher = options.allocation != "uniform" and options.ratio > 0
+    if generated or needs_fisher or evaluation is not None:
+        dense = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+        dense = dense.to(options.device).eval()
+        if generated:
+            with log.stage("calibration data (generated)"):
+                calibration = interleave(calibration, sample_token_windows(
+                    dense, generated, options.seq_len, options.seed, len(tokenizer)), options.seed)
+        if evaluation is not None:
+            with log.stage("evaluation (dense)"):
+                dense_ppl = perplexity(dense, evaluation, desc="perplexity (dense)")
+        if needs_fisher:
+            with log.stage("allocation"):
+                stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
+                                          options.group_size, micro_batch=min(2, options.group_size))
     method = options.allocation if stats is not None else "uniform"
-    return allocate(config, options.ratio, method, stats, options.global_frac), dense_ppl
+    return calibration, evaluation, allocate(config, options.ratio, method, stats, options.global_frac), dense_ppl
+
+
+def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
+    """Real and generated samples in one seeded random order, so that any prefix (the Fisher samples,
+    the attention-shape probe) holds both kinds."""
+    samples = torch.cat([text, generated])
+    return samples[torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))]
 
 
 @torch.no_grad()
@@ -150,7 +166,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
         width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)
         carry += budgets.mlp_params[index] - mlp_params(config.hidden_size, width)
         layer.mlp = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid], width,
-                                 options.compensate, mlp_targets)
+                                 options.compensate, mlp_targets, options.mlp_selection)
         layer.self_attn.dims = replace(a, intermediate_size=width)
         dims.append(layer.self_attn.dims)
         with torch.no_grad():
@@ -224,6 +240,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
         "kv_cache_bytes_per_token": {"dense": kv_bytes(dense) * config.num_hidden_layers,
                                      "pruned": sum(kv_bytes(d) for d in dims), "dtype": str(dtype)},
         "calibration": {"text": describe_source(options.calibration), "samples": options.samples,
+                        "generated_fraction": options.generated_fraction,
                         "seq_len": options.seq_len, "seed": options.seed,
                         "allocation_samples": options.allocation_samples},
         "perplexity": {"text": describe_source(options.calibration), "split": "evaluation",

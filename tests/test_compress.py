@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from intraslice.cli import main
 from intraslice.compress_attention import AttentionOptions, compress_attention
-from intraslice.compress_mlp import compress_mlp
+from intraslice.compress_mlp import compress_mlp, obs_channels
 from intraslice.compress_options import CompressOptions
 from intraslice.compressor import compress
 from intraslice.evaluate import load_reference_model
@@ -176,6 +176,38 @@ def test_shrunk_mlp_equals_masked_full_width(tiny_model):
     assert error_compensated < 0.9 * error_plain  # the least-squares fold recovers part of the dropped output
 
 
+def test_obs_channels_equal_exhaustive_greedy_elimination():
+    """One channel a round, the Schur-complement downdates must pick exactly what a brute-force greedy
+    picks: at each step, drop the channel whose removal leaves the least least-squares error."""
+    from intraslice.calibration import damped
+
+    torch.manual_seed(4)
+    x = torch.randn(200, 12, dtype=torch.float64) @ torch.randn(12, 12, dtype=torch.float64)
+    gram, weight = x.T @ x, torch.randn(5, 12, dtype=torch.float64)
+    ridge = damped(gram)
+
+    def refit_error(kept: list[int]) -> float:  # ||W X^T - W_K' X_K^T||^2 with the optimal W_K'
+        fitted = torch.zeros_like(weight)
+        fitted[:, kept] = weight @ torch.linalg.solve(ridge[kept][:, kept], ridge[kept]).T
+        return float(torch.trace((weight - fitted) @ ridge @ (weight - fitted).T))
+
+    alive = list(range(12))
+    while len(alive) > 4:
+        alive.remove(min(alive, key=lambda j: refit_error([i for i in alive if i != j])))
+    assert obs_channels(gram, weight, 4, rounds=8).tolist() == alive
+
+
+def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
+    from intraslice.generated import sample_token_windows
+
+    model = load_reference_model(tiny_model)
+    first, again = (sample_token_windows(model, 3, 20, seed=7, vocab_size=300, batch_size=2) for _ in range(2))
+    other_seed = sample_token_windows(model, 3, 20, seed=8, vocab_size=300, batch_size=2)
+    assert first.shape == (3, 20) and first.min() >= 0 and first.max() < model.config.vocab_size
+    assert first[:, 0].max() < 300  # first tokens come from the tokenizer's vocabulary
+    assert torch.equal(first, again) and not torch.equal(first, other_seed)
+
+
 def test_export_reload_round_trip(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -223,7 +255,10 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
         "not llama": ([str(other), str(root / "out"), "--ratio", "0.2"], "supported: LlamaForCausalLM"),
         "ratio too high": ([str(model), str(root / "out"), "--ratio", "0.95"], "out of range"),
         "ratio negative": ([str(model), str(root / "out"), "--ratio", "-0.1"], "out of range"),
-        "too little text": ([str(model), str(root / "out"), "--ratio", "0.2", "--samples", "5000"], "too little"),
+        "too little text": ([str(model), str(root / "out"), "--ratio", "0.2", "--samples", "5000",
+                             "--generated-fraction", "0"], "too little"),
+        "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
+                               "--generated-fraction"),
         "existing output": ([str(model), str(existing), "--ratio", "0.2"], "--overwrite"),
         "truncated": ([str(truncated), str(root / "out"), "--ratio", "0.2"], "safetensors"),
         "corrupt": ([str(corrupt), str(root / "out"), "--ratio", "0.2"], "safetensors"),
