@@ -9,7 +9,7 @@ from intraslice.io import UserError
 
 ALLOCATION_METHODS = ("global-pca", "global", "uniform")
 SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
-MLP_SELECTIONS = ("score", "obs")  # MLP channels: greedy elimination seeing the fold, or the paper's score
+MLP_SELECTIONS = ("score", "obs")  # MLP channels: the paper's score, or greedy elimination seeing the fold
 TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned output, or the dense model's
 
 # Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).

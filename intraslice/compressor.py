@@ -32,8 +32,8 @@ from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
 from intraslice.data import describe_source, load_token_samples
 from intraslice.evaluate import perplexity
-from intraslice.generated import sample_token_windows
 from intraslice.export import pruned_config, write_checkpoint
+from intraslice.generated import sample_token_windows
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
                                             dense_layer_dims)
@@ -92,8 +92,9 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
     evaluation samples, per-layer budgets, and the dense perplexity, from one load of the dense model."""
     generated = round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
     with log.stage("calibration data"):
-        calibration = load_token_samples(tokenizer, options.calibration, options.samples - generated,
-                                         options.seq_len, options.seed, "calibration", options.text_field)
+        calibration = (load_token_samples(tokenizer, options.calibration, options.samples - generated,
+                                          options.seq_len, options.seed, "calibration", options.text_field)
+                       if options.samples > generated else torch.empty(0, options.seq_len, dtype=torch.long))
         evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
                                          options.seed, "evaluation", options.text_field)
                       if options.eval_samples else None)

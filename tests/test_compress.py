@@ -66,11 +66,12 @@ def test_ratio_zero_reproduces_dense(tiny_model, tmp_path):
     assert (pruned - dense_logits(tiny_model, ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("ratio,allocation", [(0.1, "global-pca"), (0.3, "uniform"), (0.5, "global")])
-def test_budget_is_met(tiny_model, tmp_path, ratio, allocation):
+@pytest.mark.parametrize("ratio,allocation,generated", [(0.1, "global-pca", 0.5), (0.3, "uniform", 0.0),
+                                                         (0.5, "global", 1.0)])
+def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated):
     report = compress(tiny_model, tmp_path / "out",
                       CompressOptions(ratio=ratio, allocation=allocation, head_dims=(8, 16), mlp_multiple=1,
-                                      **{**FAST, "eval_samples": 0}))
+                                      generated_fraction=generated, **{**FAST, "eval_samples": 0}))
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
 
 
