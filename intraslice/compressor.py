@@ -106,7 +106,8 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
         if generated:
             with log.stage("calibration data (generated)"):
                 calibration = interleave(calibration, sample_token_windows(
-                    dense, generated, options.seq_len, options.seed, len(tokenizer)), options.seed)
+                    dense, generated, options.seq_len, options.seed, min(len(tokenizer), config.vocab_size)),
+                    options.seed)
         if evaluation is not None:
             with log.stage("evaluation (dense)"):
                 dense_ppl = perplexity(dense, evaluation, desc="perplexity (dense)")
