@@ -21,13 +21,12 @@ added); `seed` chooses which windows.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
-from intraslice.io import UserError
+from intraslice.io import UserError, jsonl_records, read_text
 
 SPLITS = ("calibration", "evaluation")
 CALIBRATION_FRACTION = 0.8
@@ -115,21 +114,8 @@ def read_documents(source: str | None, text_field: str) -> list[str]:
     return [read_text(path)]
 
 
-def read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise UserError(f"cannot read text file {path}: {error}") from None
-
-
 def read_jsonl(path: Path, text_field: str) -> Iterator[str]:
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for number, record in jsonl_records(path):
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise UserError(f"{path}:{number}: no string field {text_field!r}")
         yield record[text_field]

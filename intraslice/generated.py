@@ -28,9 +28,9 @@ def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, se
         cache = KVCache(model.config.num_hidden_layers)
         logits = model.prefill(tokens[0].to(device), cache)
         for _ in range(seq_len - 1):
-            probs = logits.float().softmax(-1).cpu()
+            probs = logits.softmax(-1).cpu()
             tokens.append(torch.multinomial(probs, 1, generator=generator))
-            logits = model.lm_head(model.model(tokens[-1].to(device), cache=cache)[:, -1])
+            logits = model.prefill(tokens[-1].to(device), cache)
             progress.update(count)
         samples.append(torch.cat(tokens, dim=1))
     progress.close()

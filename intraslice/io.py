@@ -1,7 +1,9 @@
-"""Output folders that appear whole or not at all, and the error type the CLI turns into one line."""
+"""Output folders that appear whole or not at all, reading the user's text files, and the error type the
+CLI turns into one line."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -11,6 +13,26 @@ from typing import Iterator
 
 class UserError(Exception):
     """Bad input or environment: the CLI prints the message on one line and exits non-zero."""
+
+
+def read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"cannot read text file {path}: {error}") from None
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSONL file; a line that is not JSON
+    is a `UserError` naming it."""
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+        yield number, record
 
 
 def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:

@@ -290,8 +290,9 @@ class IntraSliceLlamaForCausalLM(PreTrainedModel):
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, cache: KVCache, pop: bool = False) -> torch.Tensor:
-        """Logits of the last prompt token, filling `cache`. With `pop`, prompt[:-1] skips the
-        config's `pop_skip_layers` (their K/V still written); the last token runs every layer."""
+        """Logits of the last of `input_ids` (a prompt, or one decoded token), appending to `cache`. With
+        `pop`, prompt[:-1] skips the config's `pop_skip_layers` (their K/V still written); the last token
+        runs every layer."""
         skip = pop_skip_layers(self.config) if pop else frozenset()
         if skip and input_ids.shape[1] > 1:
             self.model(input_ids[:, :-1], cache=cache, skip_layers=skip)
@@ -308,5 +309,5 @@ class IntraSliceLlamaForCausalLM(PreTrainedModel):
         for _ in range(max_new_tokens):
             logprobs.append(logits.log_softmax(-1))
             tokens.append(logits.argmax(-1, keepdim=True))
-            logits = self.lm_head(self.model(tokens[-1], cache=cache)[:, -1]).float()
+            logits = self.prefill(tokens[-1], cache)
         return torch.cat(tokens, dim=1), torch.stack(logprobs, dim=1)

@@ -14,12 +14,11 @@ round-trip them, so their lengths drift.
 """
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from intraslice.io import UserError
+from intraslice.io import UserError, jsonl_records
 
 MAX_PROMPT_TOKENS = 32768
 TEXT_MIN_CHARS = 80  # shorter paragraphs are headings or code fragments, not prompts
@@ -94,13 +93,7 @@ def jsonl_prompts(path: Path, count: int, max_tokens: int) -> list[Prompt]:
     if not path.is_file():
         raise UserError(f"prompt file {path} does not exist")
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}:{number}: not valid JSON ({error.msg})") from None
+    for number, row in jsonl_records(path):
         text = row.get("prompt", row.get("text")) if isinstance(row, dict) else None
         if not isinstance(text, str) or not text:
             raise UserError(f"{path}:{number}: expected an object with a non-empty string 'prompt' or 'text'")
