@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from intraslice.calibration import eigh_descending
+from intraslice.io import UserError
 from intraslice.modeling_intraslice import dense_head_dim
 
 MAX_LAYER_RATIO = 0.8
@@ -157,20 +158,43 @@ def global_ratios(scores: torch.Tensor, keep_count: int) -> torch.Tensor:
     return 1 - kept.view(L, U).double().sum(1) / U
 
 
-def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac: int) -> LayerBudgets:
-    """Per-layer ratios and parameter budgets for removing `ratio` of the decoder-layer weights."""
+def split_removal(config, ratio: float, attention_share: float | None) -> tuple[float, float]:
+    """Weights removed from all attention modules and from all MLPs together. `attention_share`: the
+    fraction of the removed weights taken from attention, the MLPs giving the rest; None splits in
+    proportion to their sizes (the paper: both lose `ratio`)."""
     d, H, G, dh, I, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
                          dense_head_dim(config), config.intermediate_size, config.num_hidden_layers)
-    keep = module_keep_fraction(config, ratio)
     dense_attention, dense_mlp = attention_params(d, H, G, dh), mlp_params(d, I)
+    proportional = dense_attention / (dense_attention + dense_mlp)
+    share = proportional if attention_share is None else attention_share
+    removed = (1 - module_keep_fraction(config, ratio)) * L * (dense_attention + dense_mlp)
+    split = share * removed, (1 - share) * removed
+    for module, taken, size in zip(("attention", "MLP"), split, (dense_attention, dense_mlp)):
+        if taken > MAX_LAYER_RATIO * L * size + 1e-9:
+            raise UserError(f"--attention-share {share:g} at --ratio {ratio:g} would remove {taken / (L * size):.0%} "
+                            f"of the {module} weights (at most {MAX_LAYER_RATIO:.0%}); choose a share nearer "
+                            f"{proportional:.2f}")
+    return split
+
+
+def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac: int,
+             attention_share: float | None = None) -> LayerBudgets:
+    """Per-layer ratios and parameter budgets for removing `ratio` of the decoder-layer weights, split
+    between attention and MLPs by `split_removal`; `global-pca` and `global` spread each module's part
+    over the layers by Fisher importance, `uniform` evenly."""
+    d, H, G, dh, I, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                         dense_head_dim(config), config.intermediate_size, config.num_hidden_layers)
+    dense_attention, dense_mlp = attention_params(d, H, G, dh), mlp_params(d, I)
+    attention_removed, mlp_removed = split_removal(config, ratio, attention_share)
+    kept_neurons = round(L * I - mlp_removed / mlp_params(d, 1))
+    attention_budget = L * dense_attention - attention_removed
     if method == "uniform":
-        attention_ratio = mlp_ratio = torch.full((L,), 1 - keep, dtype=torch.float64)
+        mlp_ratio = torch.full((L,), 1 - kept_neurons / (L * I), dtype=torch.float64)
+        attention_ratio = torch.full((L,), attention_removed / (L * dense_attention), dtype=torch.float64)
     else:
-        kept_neurons = int(L * I * keep)
         mlp_ratio = global_ratios(stats.neuron_grad.pow(2).sum(0), kept_neurons)
         unit_frac = frac if method == "global-pca" else 1
         unit_cost = dense_attention / (H * unit_frac)
-        attention_budget = keep * L * (dense_attention + dense_mlp) - kept_neurons * 3 * d
         attention_ratio = global_ratios(unit_importance(stats, method, unit_frac),
                                         round(attention_budget / unit_cost))
     attention_ratio, mlp_ratio = cap_ratios(attention_ratio), cap_ratios(mlp_ratio)

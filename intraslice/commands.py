@@ -20,6 +20,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             ratio=args.ratio, allocation=args.allocation, calibration=args.text, text_field=args.text_field,
             samples=args.samples, generated_fraction=args.generated_fraction, seq_len=args.seq_len, seed=args.seed,
             allocation_samples=args.allocation_samples, group_size=args.group_size, global_frac=args.global_frac,
+            attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
             compensate=not args.no_compensation, target=args.target, shape_selection=args.shape_selection,
             mlp_selection=args.mlp_selection, eval_samples=args.eval_samples, batch_size=args.batch_size,
@@ -41,6 +42,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                     "(head removal, RoPE-pair Q/K selection, block-intra PCA on V/O, least squares into "
                     "o_proj) and MLP (channel selection, least squares into down_proj). Writes a checkpoint "
                     "that vLLM (with the intraslice plugin) and transformers (trust_remote_code) load. "
+                    "--attention-share sets how much of the removed weight comes from attention (default: "
+                    "none, the MLPs give it all, which measured best on the example model). "
                     "The paper's calibration is 128 x 2048 tokens (--samples 128 --seq-len 2048 with "
                     "enough text); the defaults are sized for a small model on a CPU.")
     p.add_argument("model_dir", help="dense Hugging Face Llama-family model folder (safetensors)")
@@ -67,6 +70,12 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"samples whose gradients are summed before squaring (default: {defaults.group_size})")
     p.add_argument("--global-frac", type=int, default=defaults.global_frac,
                    help=f"global-pca units per head (default: {defaults.global_frac})")
+    p.add_argument("--attention-share", type=attention_share, default=defaults.attention_share,
+                   metavar="SHARE|proportional",
+                   help="fraction of the removed weights taken from attention, the MLPs giving the rest; "
+                        "proportional: both lose R, as in the paper. On the example model any attention share "
+                        "cost quality (README), so attention is kept by default; larger models may differ "
+                        f"(default: {'proportional' if defaults.attention_share is None else f'{defaults.attention_share:g}'})")
     p.add_argument("--head-dims", type=int, nargs="+", default=list(VLLM_HEAD_DIMS),
                    help="allowed per-layer head dims (default: vLLM's CPU attention sizes "
                         f"{' '.join(map(str, VLLM_HEAD_DIMS))}; e.g. add 48)")
@@ -96,6 +105,15 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="also choose a prefill-only skip set (POP) of N layers, or auto (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run)
+
+
+def attention_share(value: str) -> float | None:
+    if value == "proportional":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or proportional, got {value!r}") from None
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:

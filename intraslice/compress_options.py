@@ -32,6 +32,7 @@ class CompressOptions:
     allocation_samples: int = 16
     group_size: int = 4
     global_frac: int = 4
+    attention_share: float | None = 0.0  # None: the paper's proportional split (see README's quality table)
     head_dims: tuple[int, ...] = VLLM_HEAD_DIMS
     tp_size: int = 1
     mlp_multiple: int = 8
@@ -66,5 +67,7 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
     if not 0 <= options.generated_fraction <= 1:
         raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
+    if options.attention_share is not None and not 0 <= options.attention_share <= 1:
+        raise UserError(f"--attention-share {options.attention_share} must be between 0 and 1 (or proportional)")
     if options.allocation_samples > options.samples:
         raise UserError(f"--allocation-samples {options.allocation_samples} exceeds --samples {options.samples}")

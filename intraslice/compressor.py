@@ -1,6 +1,7 @@
 """`intraslice compress`: the IntraSlice compressor, in the order of the algorithm.
 
-    calibration text ─► per-layer ratios (global estimator) ─► layer by layer, on the already
+    calibration text ─► split of the removed weights between attention and MLPs (`--attention-share`),
+    per-layer ratios (global estimator) ─► layer by layer, on the already
     compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least squares) then MLP
     (channel selection, least squares) ─► export (a physically smaller checkpoint) + report
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from intraslice.adapters import CheckpointWeights, layer_prefix, load_llama_config
 from intraslice.allocation import (LayerBudgets, allocate, attention_params, decoder_layer_params,
-                                   fisher_statistics, mlp_params)
+                                   fisher_statistics, mlp_params, split_removal)
 from intraslice.calibration import embed_batches, positions_for
 from intraslice.compress_options import CompressOptions, validate
 from intraslice.compress_attention import AttentionOptions, compress_attention
@@ -67,6 +68,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     if config.intermediate_size % options.mlp_multiple:
         raise UserError(f"--mlp-multiple {options.mlp_multiple} does not divide the dense MLP width "
                         f"{config.intermediate_size}")
+    split_removal(config, options.ratio, options.attention_share)  # an impossible split fails before the work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
     calibration, evaluation, budgets, dense_ppl = calibrate_and_allocate(model_dir, config, tokenizer, options, log)
@@ -116,7 +118,8 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
                 stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
                                           options.group_size, micro_batch=min(2, options.group_size))
     method = options.allocation if stats is not None else "uniform"
-    return calibration, evaluation, allocate(config, options.ratio, method, stats, options.global_frac), dense_ppl
+    budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
+    return calibration, evaluation, budgets, dense_ppl
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
@@ -144,6 +147,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
     teacher = list(hidden) if options.target == "dense" else None
     dims, tensors, carry = [], {}, 0.0  # carry: weights allowed but not yet spent
     dense_mlp = mlp_params(config.hidden_size, config.intermediate_size)
+    dense_attention = attention_params(config.hidden_size, dense.num_heads, dense.num_kv_heads, dense.head_dim)
     for index in tqdm(range(config.num_hidden_layers), desc="compression: layers", unit="layer"):
         layer = DecoderLayer(config, index, dense)
         expected = layer.state_dict().keys()  # old checkpoints may also hold e.g. rotary inv_freq buffers
@@ -154,15 +158,16 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
             teacher_mid = [t + dense_output(layer.self_attn, layer.input_layernorm(t)) for t in teacher]
             teacher = [t + layer.mlp(layer.post_attention_layernorm(t)) for t in teacher_mid]
             attention_targets = [t - h - bias(layer.self_attn.o_proj) for t, h in zip(teacher_mid, hidden)]
-        # the attention may undershoot its budget only by what this layer's MLP can take back
+        # the attention may undershoot its budget only by what this layer's MLP can take back; an
+        # attention left whole by the allocation stays whole, its MLP absorbing any rounding debt
         budget = budgets.attention_params[index] + carry
         mlp_headroom = dense_mlp - budgets.mlp_params[index]
-        attention = compress_attention(layer.self_attn, [layer.input_layernorm(h) for h in hidden],
-                                       budget, budget - mlp_headroom, attention_options, attention_targets)
-        a = attention.dims
+        if budgets.attention_params[index] < dense_attention and budget < dense_attention:
+            layer.self_attn = compress_attention(layer.self_attn, [layer.input_layernorm(h) for h in hidden],
+                                                 budget, budget - mlp_headroom, attention_options, attention_targets)
+        a = layer.self_attn.dims
         carry = budget - attention_params(config.hidden_size, a.num_heads, a.num_kv_heads, a.head_dim)
-        layer.self_attn = attention
-        mid = [h + dense_output(attention, layer.input_layernorm(h)) for h in hidden]
+        mid = [h + dense_output(layer.self_attn, layer.input_layernorm(h)) for h in hidden]
         if teacher is not None:
             mlp_targets = [t - m - bias(layer.mlp.down_proj) for t, m in zip(teacher, mid)]
         width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)

@@ -6,11 +6,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from intraslice.allocation import attention_params
 from intraslice.cli import main
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, obs_channels
@@ -70,9 +72,27 @@ def test_ratio_zero_reproduces_dense(tiny_model, tmp_path):
                                                          (0.5, "global", 1.0)])
 def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated):
     report = compress(tiny_model, tmp_path / "out",
-                      CompressOptions(ratio=ratio, allocation=allocation, head_dims=(8, 16), mlp_multiple=1,
-                                      generated_fraction=generated, **{**FAST, "eval_samples": 0}))
+                      CompressOptions(ratio=ratio, allocation=allocation, attention_share=None, head_dims=(8, 16),
+                                      mlp_multiple=1, generated_fraction=generated, **{**FAST, "eval_samples": 0}))
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5])
+def test_attention_share_splits_the_budget(tiny_model, tmp_path, share):
+    report = compress(tiny_model, tmp_path / "out",
+                      CompressOptions(ratio=0.3, attention_share=share, head_dims=(8, 16), mlp_multiple=1,
+                                      **{**FAST, "eval_samples": 0}))
+    config = json.loads((tiny_model / "config.json").read_text())
+    dense = dense_layer_dims(SimpleNamespace(**config))
+    attention = [attention_params(config["hidden_size"], d["num_heads"], d["num_kv_heads"], d["head_dim"])
+                 for d in report["layers"]]
+    dense_attention = attention_params(config["hidden_size"], dense.num_heads, dense.num_kv_heads, dense.head_dim)
+    removed = report["decoder_params"]["dense"] - report["decoder_params"]["pruned"]
+    assert abs(report["achieved_ratio"] - 0.3) <= 0.01
+    if share == 0:
+        assert attention == [dense_attention] * config["num_hidden_layers"]
+    else:  # attention shapes are coarse on a tiny model: at least some attention goes, not all of it
+        assert 0 < len(attention) * dense_attention - sum(attention) < removed
 
 
 def scatter_to_full_width(pruned: Attention, dense_dims: LayerDims, config) -> Attention:
@@ -202,10 +222,11 @@ def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
     from intraslice.generated import sample_token_windows
 
     model = load_reference_model(tiny_model)
-    first, again = (sample_token_windows(model, 3, 20, seed=7, vocab_size=300, batch_size=2) for _ in range(2))
-    other_seed = sample_token_windows(model, 3, 20, seed=8, vocab_size=300, batch_size=2)
+    sample = dict(vocab_size=300, piece_len=8, batch_size=2)
+    first, again = (sample_token_windows(model, 3, 20, seed=7, **sample) for _ in range(2))
+    other_seed = sample_token_windows(model, 3, 20, seed=8, **sample)
     assert first.shape == (3, 20) and first.min() >= 0 and first.max() < model.config.vocab_size
-    assert first[:, 0].max() < 300  # first tokens come from the tokenizer's vocabulary
+    assert first[:, ::8].max() < 300  # every piece starts from the tokenizer's vocabulary
     assert torch.equal(first, again) and not torch.equal(first, other_seed)
 
 
@@ -260,6 +281,10 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                              "--generated-fraction", "0"], "too little"),
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
+        "attention share": ([str(model), str(root / "out"), "--ratio", "0.2", "--attention-share", "1.5"],
+                            "--attention-share"),
+        "impossible split": ([str(model), str(root / "out"), "--ratio", "0.9", "--attention-share", "0"],
+                             "at most 80%"),
         "existing output": ([str(model), str(existing), "--ratio", "0.2"], "--overwrite"),
         "truncated": ([str(truncated), str(root / "out"), "--ratio", "0.2"], "safetensors"),
         "corrupt": ([str(corrupt), str(root / "out"), "--ratio", "0.2"], "safetensors"),
@@ -283,10 +308,11 @@ def test_bad_inputs_fail_with_one_line_and_leave_nothing(tiny_model, tmp_path, c
 
 @pytest.fixture(scope="module")
 def example_pruned(example_model_dir, tmp_path_factory) -> tuple[Path, dict]:
-    """The example model at R = 0.3 with a small calibration set (quality is the benchmark's job)."""
+    """The example model at R = 0.3 with a small calibration set (quality is the benchmark's job),
+    attention pruned too (the paper's proportional split)."""
     out = tmp_path_factory.mktemp("example") / "pruned"
     report = compress(example_model_dir, out, CompressOptions(
-        ratio=0.3, samples=8, seq_len=128, allocation_samples=4, group_size=2, eval_samples=2))
+        ratio=0.3, attention_share=None, samples=8, seq_len=128, allocation_samples=4, group_size=2, eval_samples=2))
     return out, report
 
 
