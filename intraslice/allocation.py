@@ -49,13 +49,18 @@ def decoder_layer_params(hidden: int, num_heads: int, num_kv_heads: int, head_di
     return attention_params(hidden, num_heads, num_kv_heads, head_dim) + mlp_params(hidden, intermediate) + 2 * hidden
 
 
+def dense_module_params(config) -> tuple[int, int]:
+    """Weights of one dense decoder layer's attention and of its MLP."""
+    d = config.hidden_size
+    return (attention_params(d, config.num_attention_heads, config.num_key_value_heads, dense_head_dim(config)),
+            mlp_params(d, config.intermediate_size))
+
+
 def module_keep_fraction(config, ratio: float) -> float:
     """Fraction of attention+MLP weights to keep so that `ratio` of all decoder-layer weights go
     (the norms are never pruned, so the modules lose slightly more than `ratio`)."""
-    d, h, g, hd, i = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                      dense_head_dim(config), config.intermediate_size)
-    total = decoder_layer_params(d, h, g, hd, i)
-    return ((1 - ratio) * total - 2 * d) / (total - 2 * d)
+    modules, norms = sum(dense_module_params(config)), 2 * config.hidden_size
+    return ((1 - ratio) * (modules + norms) - norms) / modules
 
 
 @dataclass
@@ -66,9 +71,11 @@ class FisherStats:
     neuron_grad: torch.Tensor       # [groups, L, I]: sum_t a_tj dL/da_tj at the down_proj input
 
 
-def fisher_statistics(model, tokens: torch.Tensor, group_size: int, micro_batch: int) -> FisherStats:
+def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherStats:
     """Forward and backward passes over `tokens` (LM loss), weights frozen, recording mask gradients
-    per group of `group_size` samples (the paper stabilises Fisher scores this way)."""
+    per group of `group_size` samples (the paper stabilises Fisher scores this way). One sample per
+    pass: a second one's vocabulary-wide logits and saved activations cost 1.4 GB on the example
+    model, for no speed gain."""
     config = model.config
     L, H, dh, I = (config.num_hidden_layers, config.num_attention_heads, dense_head_dim(config),
                    config.intermediate_size)
@@ -106,10 +113,10 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int, micro_batch:
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(index)))
     model.requires_grad_(False)
     try:
-        for start in tqdm(range(0, tokens.shape[0], micro_batch), desc="allocation: gradients", unit="batch"):
-            current["group"] = start // group_size
-            batch = tokens[start:start + micro_batch]
-            model(batch, labels=batch).loss.backward()
+        for sample_index in tqdm(range(tokens.shape[0]), desc="allocation: gradients", unit="sample"):
+            current["group"] = sample_index // group_size
+            sample = tokens[sample_index:sample_index + 1]
+            model(sample, labels=sample).loss.backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -162,9 +169,8 @@ def split_removal(config, ratio: float, attention_share: float | None) -> tuple[
     """Weights removed from all attention modules and from all MLPs together. `attention_share`: the
     fraction of the removed weights taken from attention, the MLPs giving the rest; None splits in
     proportion to their sizes (the paper: both lose `ratio`)."""
-    d, H, G, dh, I, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                         dense_head_dim(config), config.intermediate_size, config.num_hidden_layers)
-    dense_attention, dense_mlp = attention_params(d, H, G, dh), mlp_params(d, I)
+    L = config.num_hidden_layers
+    dense_attention, dense_mlp = dense_module_params(config)
     proportional = dense_attention / (dense_attention + dense_mlp)
     share = proportional if attention_share is None else attention_share
     removed = (1 - module_keep_fraction(config, ratio)) * L * (dense_attention + dense_mlp)
@@ -182,9 +188,8 @@ def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac:
     """Per-layer ratios and parameter budgets for removing `ratio` of the decoder-layer weights, split
     between attention and MLPs by `split_removal`; `global-pca` and `global` spread each module's part
     over the layers by Fisher importance, `uniform` evenly."""
-    d, H, G, dh, I, L = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                         dense_head_dim(config), config.intermediate_size, config.num_hidden_layers)
-    dense_attention, dense_mlp = attention_params(d, H, G, dh), mlp_params(d, I)
+    d, H, I, L = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
+    dense_attention, dense_mlp = dense_module_params(config)
     attention_removed, mlp_removed = split_removal(config, ratio, attention_share)
     kept_neurons = round(L * I - mlp_removed / mlp_params(d, 1))
     attention_budget = L * dense_attention - attention_removed
