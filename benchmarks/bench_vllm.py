@@ -4,7 +4,9 @@
     .venv/bin/python benchmarks/bench_vllm.py --section throughput --pruned ./pruned
 
 Each target gets its own `vllm serve` (same flags: float32, prefix caching off, default torch.compile
-unless --eager), one at a time, and the load comes from vLLM's own `vllm bench serve`. Sections:
+unless --eager). All of a section's servers start first and stay up; then each of --rounds rounds
+loads every target in turn, in rotating order, with vLLM's own `vllm bench serve`. Figures are
+medians over rounds, and ratios the median of per-round ratios. Sections:
 
 - throughput: vLLM's stock `LlamaForCausalLM` on the dense model, the dense model through the plugin
   class (target: within 2% of stock), and the pruned model (target: speedup >= 0.95 x the ideal from
@@ -14,7 +16,7 @@ unless --eager), one at a time, and the load comes from vLLM's own `vllm bench s
 
 Without --pruned, a hand-sliced copy of the example model (tests/checkpoints.py, ~30% fewer decoder
 parameters) stands in for a compressor output. Prints tables; --out writes every figure as JSON.
-Timings on a shared machine are noisy: compare numbers from one run only.
+Timings on a shared machine are noisy: compare numbers from one run only, on an otherwise idle machine.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import median
 
 from transformers import AutoConfig
 
@@ -111,34 +114,61 @@ def serve(target: Target, eager: bool) -> VllmServer:
     return VllmServer(target.model_dir, extra_args=args, startup_timeout=900).start()
 
 
-def run_throughput(targets: list[Target], args) -> dict:
-    results = {}
-    for target in targets:
-        print(f"[throughput] {target.name}: starting server", flush=True)
-        server = serve(target, args.eager)
-        try:
-            r = bench_serve(server, target.model_dir, args.input_len, args.output_len, args.num_prompts,
-                            args.concurrency)
-        finally:
+def interleaved(targets: list[Target], measure, section: str, args) -> dict[str, list[dict]]:
+    """`measure(server, target)` for every target in each of `rounds` rounds, the order rotating each
+    round. All servers are started first and stay up (idle ones use no CPU), so every target is
+    measured warm and at the same times: no first-server penalty, and drift of a shared machine
+    falls on every target alike."""
+    servers: dict[str, VllmServer] = {}
+    try:
+        for target in targets:
+            print(f"[{section}] {target.name}: starting server", flush=True)
+            servers[target.name] = serve(target, args.eager)
+        samples: dict[str, list[dict]] = {t.name: [] for t in targets}
+        for round_index in range(args.rounds):
+            shift = round_index % len(targets)
+            for target in targets[shift:] + targets[:shift]:
+                print(f"[{section}] round {round_index + 1}/{args.rounds}: {target.name}", flush=True)
+                samples[target.name].append(measure(servers[target.name], target))
+        for target in targets:
+            samples[target.name][0]["kv_cache_tokens"] = kv_cache_tokens(servers[target.name])
+        return samples
+    finally:
+        for server in servers.values():
             server.stop()
-        results[target.name] = {"output_tok_s": r["output_throughput"], "median_ttft_ms": r["median_ttft_ms"],
-                                "median_tpot_ms": r["median_tpot_ms"], "kv_cache_tokens": kv_cache_tokens(server)}
-    return results
+
+
+def run_throughput(targets: list[Target], args) -> dict:
+    def measure(server: VllmServer, target: Target) -> dict:
+        r = bench_serve(server, target.model_dir, args.input_len, args.output_len, args.num_prompts,
+                        args.concurrency)
+        return {"output_tok_s": r["output_throughput"], "median_ttft_ms": r["median_ttft_ms"],
+                "median_tpot_ms": r["median_tpot_ms"]}
+
+    samples = interleaved(targets, measure, "throughput", args)
+    return {name: {"output_tok_s": median(s["output_tok_s"] for s in runs),
+                   "median_ttft_ms": median(s["median_ttft_ms"] for s in runs),
+                   "median_tpot_ms": median(s["median_tpot_ms"] for s in runs),
+                   "kv_cache_tokens": runs[0]["kv_cache_tokens"], "rounds": runs}
+            for name, runs in samples.items()}
 
 
 def run_pop(targets: list[Target], args) -> dict:
-    results = {}
-    for target in targets:
-        print(f"[pop] {target.name}: starting server", flush=True)
-        server = serve(target, args.eager)
-        try:
-            ttft = {n: bench_serve(server, target.model_dir, n, 1, args.ttft_prompts, 1)["median_ttft_ms"]
-                    for n in args.prompt_lens}
-            itl = bench_serve(server, target.model_dir, 256, args.decode_tokens, 2, 1)["median_itl_ms"]
-        finally:
-            server.stop()
-        results[target.name] = {"median_ttft_ms": ttft, "median_itl_ms": itl}
-    return results
+    def measure(server: VllmServer, target: Target) -> dict:
+        ttft = {n: bench_serve(server, target.model_dir, n, 1, args.ttft_prompts, 1)["median_ttft_ms"]
+                for n in args.prompt_lens}
+        itl = bench_serve(server, target.model_dir, 256, args.decode_tokens, 2, 1)["median_itl_ms"]
+        return {"median_ttft_ms": ttft, "median_itl_ms": itl}
+
+    samples = interleaved(targets, measure, "pop", args)
+    return {name: {"median_ttft_ms": {n: median(s["median_ttft_ms"][n] for s in runs) for n in args.prompt_lens},
+                   "median_itl_ms": median(s["median_itl_ms"] for s in runs), "rounds": runs}
+            for name, runs in samples.items()}
+
+
+def round_ratio(numerator: dict, denominator: dict, key) -> float:
+    """The median over rounds of a per-round ratio: each round's targets ran minutes apart."""
+    return median(key(a) / key(b) for a, b in zip(numerator["rounds"], denominator["rounds"]))
 
 
 # --- reports ---------------------------------------------------------------------------------------
@@ -151,7 +181,7 @@ def print_throughput(results: dict, targets: dict[str, Target], args) -> None:
     print(f"{'target':<14}{'out tok/s':>11}{'TTFT ms':>10}{'TPOT ms':>10}{'KV tokens':>11}{'speedup':>9}{'ideal':>7}")
     for name, r in results.items():
         ideal = decode_flops(targets["dense-stock"].config(), context) / decode_flops(targets[name].config(), context)
-        r["speedup"], r["ideal_speedup"] = r["output_tok_s"] / base["output_tok_s"], ideal
+        r["speedup"], r["ideal_speedup"] = round_ratio(r, base, lambda x: x["output_tok_s"]), ideal
         print(f"{name:<14}{r['output_tok_s']:>11.1f}{r['median_ttft_ms']:>10.0f}{r['median_tpot_ms']:>10.1f}"
               f"{r['kv_cache_tokens'] or 0:>11,}{r['speedup']:>9.3f}{ideal:>7.3f}")
     if "pruned" in results:
@@ -170,14 +200,14 @@ def print_pop(results: dict, targets: dict[str, Target], args) -> None:
         config, pop = targets[name].config(), name.endswith("+pop")
         row, r["ttft_speedup"], r["ideal_ttft_speedup"] = "", {}, {}
         for n in args.prompt_lens:
-            speedup = results["dense"]["median_ttft_ms"][n] / r["median_ttft_ms"][n]
+            speedup = round_ratio(results["dense"], r, lambda x: x["median_ttft_ms"][n])
             ideal = prefill_flops(dense, n, False) / prefill_flops(config, n, pop)
             r["ttft_speedup"][n], r["ideal_ttft_speedup"][n] = speedup, ideal
             row += f"{r['median_ttft_ms'][n]:>10.0f}{speedup:>6.2f}{ideal:>7.2f}"
         print(f"{name:<12}{row}{r['median_itl_ms']:>9.1f}")
     for model in ("dense", "pruned"):
         if model in results and f"{model}+pop" in results:
-            ratio = results[f"{model}+pop"]["median_itl_ms"] / results[model]["median_itl_ms"]
+            ratio = round_ratio(results[f"{model}+pop"], results[model], lambda x: x["median_itl_ms"])
             print(f"{model}: ITL with POP / without = {ratio:.3f} (target <= 1.02)")
 
 
@@ -202,6 +232,8 @@ def main() -> None:
     parser.add_argument("--pruned", type=Path, help="pruned checkpoint (default: a hand-sliced example model)")
     parser.add_argument("--section", choices=["throughput", "pop", "all"], default="all")
     parser.add_argument("--eager", action="store_true", help="--enforce-eager servers (default: torch.compile)")
+    parser.add_argument("--rounds", type=int, default=3, help="measurement rounds; all servers stay up and "
+                        "each round measures every target, in rotating order (default: 3)")
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--num-prompts", type=int, default=32)

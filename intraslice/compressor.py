@@ -204,7 +204,7 @@ def build_model(config: dict, weights: CheckpointWeights, layer_tensors: dict[st
             state[name] = weights.get(name).float()
     if llama_config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=True)  # the compressed layers' own tensors: no second copy
     return model.to(device).eval()
 
 
