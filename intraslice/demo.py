@@ -82,8 +82,9 @@ def pop_variants(dense_dir: Path, pruned_dir: Path | None) -> list[Variant]:
 
 
 def smoke_requests(variant: Variant) -> None:
-    """A few real requests through the OpenAI API, printed so that a person sees the model talk."""
-    with VllmServer(variant.model_dir, extra_args=variant.serve_args) as server:
+    """A few real requests through the OpenAI API, printed so that a person sees the model talk. The
+    server runs eagerly: no torch.compile warm-up at start, and the same answers."""
+    with VllmServer(variant.model_dir, extra_args=variant.serve_args + ["--enforce-eager"]) as server:
         client = OpenAI(base_url=server.url + "/v1", api_key="EMPTY")
         for prompt in SAMPLE_PROMPTS:
             reply = client.chat.completions.create(model=variant.name, temperature=0, max_tokens=40,
