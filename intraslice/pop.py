@@ -33,6 +33,7 @@ from typing import Iterator
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from intraslice.io import UserError
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM, pop_skip_layers
@@ -103,7 +104,7 @@ def layer_importance(model: IntraSliceLlamaForCausalLM, token_ids: torch.Tensor,
     for p in frozen:  # gradients w.r.t. the gates only: no weight gradients are computed
         p.requires_grad_(False)
     try:
-        for batch in token_ids.split(batch_size):
+        for batch in tqdm(token_ids.split(batch_size), desc="pop-analyze: layer importance", unit="batch"):
             gates = torch.ones(2, batch.shape[0], num_layers, device=device, requires_grad=True)
             with virtual_gates(model, gates[0], gates[1]):
                 logits = model.lm_head(model.model(batch.to(device))[:, -1]).float()

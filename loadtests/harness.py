@@ -217,7 +217,7 @@ def run_for_demo(variants: list[tuple[str, Path, list[str]]], out_dir: Path, qui
     targets = [Target(name, model_dir=path, serve_args=list(args)) for name, path, args in variants]
     # Short and long prompts: POP shortens the prefill, so its gain shows in the TTFT of long prompts.
     settings = (Settings(concurrency=[1, 4], requests=8, prompts="fixed:128,1024", max_tokens=16) if quick
-                else Settings(concurrency=[1, 4], requests=12, prompts="fixed:128,1024", max_tokens=32))
+                else Settings(concurrency=[1, 4], requests=10, prompts="fixed:128,1024", max_tokens=32))
     return run_loadtest(targets, settings, out_dir, overwrite=True)
 
 
