@@ -29,6 +29,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import median
+from typing import Callable
 
 from transformers import AutoConfig
 
@@ -114,9 +115,10 @@ def serve(target: Target, eager: bool) -> VllmServer:
     return VllmServer(target.model_dir, extra_args=args, startup_timeout=900).start()
 
 
-def interleaved(targets: list[Target], measure, section: str, args) -> dict[str, list[dict]]:
-    """`measure(server, target)` for every target in each of `rounds` rounds, the order rotating each
-    round. All servers are started first and stay up (idle ones use no CPU), so every target is
+def interleaved(targets: list[Target], measure: Callable[[VllmServer, Target], dict], section: str,
+                args) -> dict[str, list[dict]]:
+    """`measure(server, target)` for every target in each of `args.rounds` rounds, the order rotating
+    each round (the first round's record also gets the server's KV-cache size). All servers are started first and stay up (idle ones use no CPU), so every target is
     measured warm and at the same times: no first-server penalty, and drift of a shared machine
     falls on every target alike."""
     servers: dict[str, VllmServer] = {}
