@@ -285,6 +285,10 @@ def execute(targets: list[Target], settings: Settings, out_dir: Path, overwrite:
                 "serve_args": t.serve_args, "status": "not run", "message": None, "steps": []} for t in targets]
     machine_before = machine_info()
     interrupted = False
+    # Ctrl-C reaches this (the main) greenlet from the hub, wherever the signal lands: Python's own
+    # handler raises KeyboardInterrupt in whichever greenlet runs at that moment, and one raised in a
+    # locust user greenlet was, rarely, lost (CI saw a run go on for over a minute after Ctrl-C).
+    ctrl_c = gevent.signal_handler(signal.SIGINT, gevent.getcurrent().throw, KeyboardInterrupt)
     with tempfile.TemporaryDirectory(prefix="loadtest-logs-") as logs:
         try:
             for target, result in zip(targets, results):
@@ -293,6 +297,9 @@ def execute(targets: list[Target], settings: Settings, out_dir: Path, overwrite:
         except KeyboardInterrupt:
             interrupted = True
             say("interrupted: the servers this run started are stopped; writing the partial report")
+        finally:
+            ctrl_c.cancel()  # the event loop then leaves SIGINT at the OS default: set it explicitly
+            signal.signal(signal.SIGINT, signal.SIG_IGN if interrupted else signal.default_int_handler)
         report_dir = write_report(out_dir, overwrite, settings=settings, results=results, prompts=prompts,
                                   tokenizer=getattr(tokenizer, "name_or_path", None), interrupted=interrupted,
                                   machine_before=machine_before, logs_dir=Path(logs))
