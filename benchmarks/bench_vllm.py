@@ -118,9 +118,9 @@ def serve(target: Target, eager: bool) -> VllmServer:
 def interleaved(targets: list[Target], measure: Callable[[VllmServer, Target], dict], section: str,
                 args) -> dict[str, list[dict]]:
     """`measure(server, target)` for every target in each of `args.rounds` rounds, the order rotating
-    each round (the first round's record also gets the server's KV-cache size). All servers are started first and stay up (idle ones use no CPU), so every target is
-    measured warm and at the same times: no first-server penalty, and drift of a shared machine
-    falls on every target alike."""
+    each round (the first round's record also gets the server's KV-cache size). All servers are
+    started first and stay up (idle ones use no CPU), so every target is measured warm and at the
+    same times: no first-server penalty, and drift of a shared machine falls on every target alike."""
     servers: dict[str, VllmServer] = {}
     try:
         for target in targets:
