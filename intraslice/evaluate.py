@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from intraslice.adapters import CheckpointWeights, load_llama_config
@@ -20,6 +21,26 @@ def load_reference_model(model_dir: str | Path, device: str = "cpu") -> IntraSli
     return model.to(device).eval()
 
 
+LOSS_CHUNK = 128  # positions whose logits exist at once
+
+
+def next_token_nll(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token negative log-likelihood of samples `ids` [B, T] (each from position 0).
+    The logits are formed LOSS_CHUNK positions at a time, and recomputed in the backward pass when
+    gradients are taken: with a 49k vocabulary a 512-token sample's full logits, their softmax and
+    their gradients take 0.4 GB."""
+    hidden, targets = model.model(ids)[:, :-1], ids[:, 1:]
+    total = hidden.new_zeros(())
+    for h, y in zip(hidden.split(LOSS_CHUNK, dim=1), targets.split(LOSS_CHUNK, dim=1)):
+        total = total + (checkpoint(chunk_nll, model.lm_head, h, y, use_reentrant=False)
+                         if torch.is_grad_enabled() else chunk_nll(model.lm_head, h, y))
+    return total
+
+
+def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(lm_head(hidden).float().flatten(0, 1), targets.flatten(), reduction="sum")
+
+
 @torch.no_grad()
 def perplexity(model: IntraSliceLlamaForCausalLM, tokens: torch.Tensor, batch_size: int = 2,
                desc: str = "perplexity") -> float:
@@ -28,8 +49,7 @@ def perplexity(model: IntraSliceLlamaForCausalLM, tokens: torch.Tensor, batch_si
     total, count = 0.0, 0
     for batch in tqdm(tokens.split(batch_size), desc=desc, unit="batch", leave=False):
         batch = batch.to(device)
-        logits = model(batch).logits
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten(), reduction="sum"))
+        total += float(next_token_nll(model, batch))
         count += batch[:, 1:].numel()
     return math.exp(total / count)
 

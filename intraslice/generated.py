@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from intraslice.heap import release_free_memory
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM, KVCache
 
 
@@ -39,6 +40,7 @@ def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, se
             probs = logits.softmax(-1).cpu()
             tokens.append(torch.multinomial(probs, 1, generator=generator))
             logits = model.prefill(tokens[-1].to(device), cache)
+            release_free_memory()  # the growing cache's freed copies would otherwise fragment the heap
             progress.update(count)
         pieces.append(torch.cat(tokens, dim=1))
     progress.close()

@@ -22,11 +22,12 @@ def tiny_dense(tmp_path_factory):
 
 
 def test_eval_matches_transformers_loss(tiny_dense, capsys):
+    """300-token samples: the loss is summed over three chunks of positions, the last one partial."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    assert main(["eval", str(tiny_dense), "--samples", "3", "--seq-len", "48"]) == 0
+    assert main(["eval", str(tiny_dense), "--samples", "3", "--seq-len", "300"]) == 0
     printed = float(capsys.readouterr().out.split("perplexity")[-1])
-    tokens = load_token_samples(AutoTokenizer.from_pretrained(tiny_dense), None, 3, 48, 0, "evaluation")
+    tokens = load_token_samples(AutoTokenizer.from_pretrained(tiny_dense), None, 3, 300, 0, "evaluation")
     model = LlamaForCausalLM.from_pretrained(tiny_dense, dtype=torch.float32).eval()
     with torch.no_grad():
         logits = model(tokens).logits

@@ -1,0 +1,62 @@
+"""The ratio estimator's gradient statistics, against gradients of explicit masks."""
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig
+
+from intraslice.allocation import fisher_statistics
+from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
+
+HEADS, HEAD_DIM, INTERMEDIATE = 4, 12, 64
+
+
+def tiny_dense_model() -> IntraSliceLlamaForCausalLM:
+    config = LlamaConfig(vocab_size=97, hidden_size=48, intermediate_size=INTERMEDIATE, num_hidden_layers=3,
+                         num_attention_heads=HEADS, num_key_value_heads=2, head_dim=HEAD_DIM,
+                         max_position_embeddings=64, tie_word_embeddings=False, initializer_range=0.2)
+    torch.manual_seed(0)
+    return IntraSliceLlamaForCausalLM(config).eval()
+
+
+def mask_gradients(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor) -> tuple[list, list, list]:
+    """Gradients of multiplicative masks (all ones) on each layer's o_proj and down_proj inputs for the
+    summed per-sample LM losses of `samples`, and each o_proj input's covariance."""
+    head_masks, neuron_masks, covariances, handles = [], [], [], []
+    for layer in model.model.layers:
+        head_mask = torch.ones(HEADS * HEAD_DIM, requires_grad=True)
+        neuron_mask = torch.ones(INTERMEDIATE, requires_grad=True)
+        covariance = []
+
+        def masked_heads(module, args, mask=head_mask, covariance=covariance):
+            covariance.append(args[0].detach().reshape(-1, HEADS, HEAD_DIM).double())
+            return (args[0] * mask,)
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(masked_heads))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(lambda m, a, mask=neuron_mask: (a[0] * mask,)))
+        head_masks.append(head_mask)
+        neuron_masks.append(neuron_mask)
+        covariances.append(covariance)
+    for sample in samples:
+        model(sample[None], labels=sample[None]).loss.backward()
+    for handle in handles:
+        handle.remove()
+    return ([m.grad.double() for m in head_masks], [m.grad.double() for m in neuron_masks],
+            [torch.einsum("nha,nhb->hab", torch.cat(c), torch.cat(c)) for c in covariances])
+
+
+def test_fisher_statistics_equal_explicit_mask_gradients():
+    """With gradient checkpointing the hooks run again in the backward recomputation: each statistic must
+    still be recorded exactly once (a double count or a lost gradient fails here)."""
+    model = tiny_dense_model()
+    tokens = torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(1))
+    stats = fisher_statistics(model, tokens, group_size=2)
+    assert not model.training and not model.model.layers[0].gradient_checkpointing
+
+    for group in range(2):
+        head_grads, neuron_grads, _ = mask_gradients(tiny_dense_model(), tokens[2 * group:2 * group + 2])
+        for layer in range(3):
+            diagonal = stats.head_grad_outer[group, layer].diagonal(dim1=-2, dim2=-1).flatten()
+            torch.testing.assert_close(diagonal, head_grads[layer], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(stats.neuron_grad[group, layer], neuron_grads[layer], rtol=1e-4, atol=1e-6)
+    _, _, covariances = mask_gradients(tiny_dense_model(), tokens)
+    for layer in range(3):
+        torch.testing.assert_close(stats.head_cov[layer], covariances[layer], rtol=1e-5, atol=1e-6)
