@@ -40,7 +40,7 @@ def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, se
             probs = logits.softmax(-1).cpu()
             tokens.append(torch.multinomial(probs, 1, generator=generator))
             logits = model.prefill(tokens[-1].to(device), cache)
-            release_free_memory()  # the growing cache's freed copies would otherwise fragment the heap
+            release_free_memory()  # each step's short-lived tensors would otherwise fragment the heap
             progress.update(count)
         pieces.append(torch.cat(tokens, dim=1))
     progress.close()
