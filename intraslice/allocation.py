@@ -93,7 +93,8 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
                 return
             x = args[0]
             xs = x.detach().reshape(-1, H, dh)  # float32 until the gradient arrives: half the memory
-            stats.head_cov[index] += torch.einsum("nha,nhb->hab", xs.double(), xs.double()).cpu()
+            xs64 = xs.double()
+            stats.head_cov[index] += torch.einsum("nha,nhb->hab", xs64, xs64).cpu()
 
             def record(grad: torch.Tensor) -> None:
                 stats.head_grad_outer[current["group"], index] += torch.einsum(
