@@ -39,10 +39,10 @@ class Covariance:
         self.count += x.shape[0]
 
 
-def damped(matrix: torch.Tensor) -> torch.Tensor:
-    """`matrix` + DAMPING * mean(diag) * I (a ridge that keeps solves and eigendecompositions stable)."""
+def damped(matrix: torch.Tensor, ridge: float = DAMPING) -> torch.Tensor:
+    """`matrix` + ridge * mean(diag) * I (keeps solves and eigendecompositions stable)."""
     identity = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
-    return matrix + DAMPING * matrix.diagonal().mean() * identity
+    return matrix + ridge * matrix.diagonal().mean() * identity
 
 
 def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +51,7 @@ def eigh_descending(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values.flip(0), vectors.flip(1)
 
 
-def least_squares(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
-    """argmin_Q ||Z Q - Y||^2 + ridge, from gram = Z^T Z and cross = Z^T Y (float64)."""
-    return torch.linalg.solve(damped(gram.double()), cross.double())
+def least_squares(gram: torch.Tensor, cross: torch.Tensor, ridge: float = DAMPING) -> torch.Tensor:
+    """argmin_Q ||Z Q - Y||^2 + ridge * mean(diag(Z^T Z)) ||Q||^2, from gram = Z^T Z and cross = Z^T Y
+    (float64)."""
+    return torch.linalg.solve(damped(gram.double(), ridge), cross.double())

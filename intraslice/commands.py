@@ -22,7 +22,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             allocation_samples=args.allocation_samples, group_size=args.group_size, global_frac=args.global_frac,
             attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
-            compensate=not args.no_compensation, target=args.target, shape_selection=args.shape_selection,
+            compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target, shape_selection=args.shape_selection,
             mlp_selection=args.mlp_selection, eval_samples=args.eval_samples, batch_size=args.batch_size,
             device=args.device, pop_skip=args.pop_skip, overwrite=args.overwrite)
         report = compress(args.model_dir, args.out_dir, options)
@@ -85,6 +85,10 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"MLP widths are rounded to this multiple (default: {defaults.mlp_multiple})")
     p.add_argument("--no-compensation", action="store_true",
                    help="skip the least-squares folds into o_proj and down_proj (ablation)")
+    p.add_argument("--mlp-ridge", type=float, default=defaults.mlp_ridge,
+                   help="ridge of the MLP's least-squares fold, as a multiple of the mean channel energy; "
+                        "larger keeps the fold to correlations that carry over to other text (the paper: 0.01) "
+                        f"(default: {defaults.mlp_ridge})")
     p.add_argument("--shape-selection", choices=SHAPE_SELECTIONS, default=defaults.shape_selection,
                    help="per-layer attention shape: the candidate with the lowest measured least-squares error "
                         "of the attention output (error), or the paper's retained PCA score (score) "

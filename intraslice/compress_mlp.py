@@ -5,6 +5,12 @@ channels and reconstruct the dropped ones from the kept ones by least squares,
 x_P ≈ x_K C_KK^-1 C_KP (C: covariance of the down_proj input), folded into down_proj:
 W_down[:, K] += W_down[:, P] (C_KK^-1 C_KP)^T.
 
+The fold's ridge (`ridge`, `--mlp-ridge`) is 0.3 * mean(diag C) by default, not the paper's 0.01: the
+least-squares map learns correlations of the calibration text, and on text of another domain the
+paper's fold removed less error than no fold at all (per-layer probe of the example model). A stronger
+ridge keeps the fold to correlations that hold more broadly: at R = 0.2 other-domain perplexity fell
+3.9% with the same-domain one unchanged (README).
+
 Which channels to keep:
 - `score` (the paper, default): the largest C_jj ||W_down[:, j]||^2, each channel judged alone;
 - `obs`: greedy backward elimination that sees the least-squares fold: repeatedly drop the
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 
 from intraslice.allocation import mlp_params
 from intraslice.calibration import Covariance, damped, least_squares
+from intraslice.compress_options import MLP_RIDGE
 from intraslice.modeling_intraslice import MLP
 
 
@@ -31,7 +38,8 @@ def mlp_width(budget: float, hidden: int, intermediate: int, multiple: int) -> i
 
 @torch.no_grad()
 def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compensate: bool = True,
-                 targets: list[torch.Tensor] | None = None, selection: str = "score") -> MLP:
+                 targets: list[torch.Tensor] | None = None, selection: str = "score",
+                 ridge: float = MLP_RIDGE) -> MLP:
     """A physically smaller `MLP` with `width` channels, for normed layer inputs `inputs`.
     `targets`: what the down_proj output (without bias) should be, per batch; by default the
     layer's own unpruned output (the paper's reconstruction of the dropped channels)."""
@@ -39,20 +47,20 @@ def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compe
     for x in inputs:
         cov.add(activation(mlp, x))
     down = mlp.down_proj.weight.double()
-    kept = (obs_channels(cov.sum, down, width) if selection == "obs"
+    kept = (obs_channels(cov.sum, down, width, ridge) if selection == "obs"
             else (cov.sum.diagonal() * down.pow(2).sum(0)).argsort(descending=True)[:width].sort().values)
     dropped = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
     dropped[kept] = False
     dropped = dropped.nonzero().flatten()
     new_down = down[:, kept]
     if compensate and len(dropped) and targets is None:
-        q_t = least_squares(cov.sum[kept][:, kept], cov.sum[kept][:, dropped])  # x_P ≈ x_K q_t
+        q_t = least_squares(cov.sum[kept][:, kept], cov.sum[kept][:, dropped], ridge)  # x_P ≈ x_K q_t
         new_down = new_down + down[:, dropped] @ q_t.T
     elif compensate and len(dropped):
         cross = Covariance()
         for x, target in zip(inputs, targets):
             cross.add(activation(mlp, x)[..., kept], target)
-        new_down = least_squares(cov.sum[kept][:, kept], cross.sum).T
+        new_down = least_squares(cov.sum[kept][:, kept], cross.sum, ridge).T
     new = MLP(config, width)
     new.gate_proj.weight.copy_(mlp.gate_proj.weight[kept])
     new.up_proj.weight.copy_(mlp.up_proj.weight[kept])
@@ -64,12 +72,13 @@ def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compe
     return new.to(down.device)
 
 
-def obs_channels(gram: torch.Tensor, weight: torch.Tensor, width: int, rounds: int = 32) -> torch.Tensor:
+def obs_channels(gram: torch.Tensor, weight: torch.Tensor, width: int, ridge: float = MLP_RIDGE,
+                 rounds: int = 32) -> torch.Tensor:
     """Sorted indices of the `width` input channels of `weight` [out, in] that survive greedy backward
     elimination under the input Gram matrix `gram` (float64). Each of `rounds` rounds drops the
     cheapest channels at once and re-fits the rest with the block (Schur complement) form of the
     downdate, which keeps the cost at a few dozen matrix products."""
-    inverse = torch.linalg.inv(damped(gram))
+    inverse = torch.linalg.inv(damped(gram, ridge))
     alive = torch.arange(weight.shape[1], device=weight.device)
     step = max(1, -(-(len(alive) - width) // rounds))
     while len(alive) > width:

@@ -15,6 +15,7 @@ TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned ou
 # Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MAX_RATIO = 0.9
+MLP_RIDGE = 0.3  # ridge of the MLP's least-squares fold, times mean(diag C) (the paper: 0.01; see compress_mlp)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class CompressOptions:
     tp_size: int = 1
     mlp_multiple: int = 8
     compensate: bool = True
+    mlp_ridge: float = MLP_RIDGE
     target: str = "own"
     shape_selection: str = "error"
     mlp_selection: str = "score"
@@ -65,6 +67,8 @@ def validate(options: CompressOptions) -> None:
         raise UserError("--tp-size, --mlp-multiple, --batch-size and --group-size must be >= 1")
     if any(d < 2 or d % 2 for d in options.head_dims):
         raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
+    if options.mlp_ridge < 0:
+        raise UserError(f"--mlp-ridge {options.mlp_ridge} must be >= 0")
     if not 0 <= options.generated_fraction <= 1:
         raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
     if options.attention_share is not None and not 0 <= options.attention_share <= 1:

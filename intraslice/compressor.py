@@ -172,7 +172,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
         width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)
         carry += budgets.mlp_params[index] - mlp_params(config.hidden_size, width)
         layer.mlp = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid], width,
-                                 options.compensate, mlp_targets, options.mlp_selection)
+                                 options.compensate, mlp_targets, options.mlp_selection, options.mlp_ridge)
         layer.self_attn.dims = replace(a, intermediate_size=width)
         dims.append(layer.self_attn.dims)
         with torch.no_grad():

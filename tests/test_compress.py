@@ -187,14 +187,17 @@ def test_shrunk_mlp_equals_masked_full_width(tiny_model):
     mask = torch.zeros(config.intermediate_size)
     mask[kept] = 1
     compensated = compress_mlp(dense, config, inputs, 48)
+    closest = compress_mlp(dense, config, inputs, 48, ridge=0.01)
     with torch.no_grad():
-        error_plain = error_compensated = 0.0
+        error_plain = error_compensated = error_closest = 0.0
         for x in inputs:
             activation = F.silu(dense.gate_proj(x)) * dense.up_proj(x)
             assert torch.allclose(plain(x), dense.down_proj(activation * mask), atol=1e-5)
             error_plain += float((plain(x) - dense(x)).pow(2).sum())
             error_compensated += float((compensated(x) - dense(x)).pow(2).sum())
+            error_closest += float((closest(x) - dense(x)).pow(2).sum())
     assert error_compensated < 0.9 * error_plain  # the least-squares fold recovers part of the dropped output
+    assert error_closest < error_compensated  # on the fitted inputs, a weaker ridge fits closer
 
 
 def test_obs_channels_equal_exhaustive_greedy_elimination():
@@ -281,6 +284,7 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                              "--generated-fraction", "0"], "too little"),
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
+        "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
         "attention share": ([str(model), str(root / "out"), "--ratio", "0.2", "--attention-share", "1.5"],
                             "--attention-share"),
         "impossible split": ([str(model), str(root / "out"), "--ratio", "0.9", "--attention-share", "0"],
