@@ -73,7 +73,8 @@ def main() -> None:
         ppl = perplexities(out, args.eval_samples)
         if index == 0:
             print(f"| dense | 0 | {report['decoder_params']['dense']:,} "
-                  f"| {report['kv_cache_bytes_per_token']['dense']:,} | {dense['same']:.3f} | {dense['other']:.3f} | | |")
+                  f"| {report['kv_cache_bytes_per_token']['dense']:,} "
+                  f"| {dense['same']:.3f} | {dense['other']:.3f} | | |")
         peak = max(stage["peak_rss_mb"] for stage in report["stages"].values())
         print(f"| {name} | {report['achieved_ratio']:.3f} | {report['decoder_params']['pruned']:,} "
               f"| {report['kv_cache_bytes_per_token']['pruned']:,} "

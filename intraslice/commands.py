@@ -22,9 +22,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             allocation_samples=args.allocation_samples, group_size=args.group_size, global_frac=args.global_frac,
             attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
-            compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target, shape_selection=args.shape_selection,
-            mlp_selection=args.mlp_selection, eval_samples=args.eval_samples, batch_size=args.batch_size,
-            device=args.device, pop_skip=args.pop_skip, overwrite=args.overwrite)
+            compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target,
+            shape_selection=args.shape_selection, mlp_selection=args.mlp_selection, eval_samples=args.eval_samples,
+            batch_size=args.batch_size, device=args.device, pop_skip=args.pop_skip, overwrite=args.overwrite)
         report = compress(args.model_dir, args.out_dir, options)
         ppl = report["perplexity"]
         print(f"wrote {args.out_dir}: removed {report['achieved_ratio']:.2%} of decoder-layer parameters "
