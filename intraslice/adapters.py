@@ -53,7 +53,11 @@ def load_llama_config(model_dir: str | Path, allow_pruned: bool = False) -> Llam
 
 class CheckpointWeights:
     """Tensors of a safetensors checkpoint (single file or sharded), read by name on demand, so that
-    only the tensors in use are resident. Corrupt or truncated files are refused when opened."""
+    only the tensors in use are resident. Corrupt or truncated files are refused when opened.
+
+    Every read opens its file anew: a safetensors handle maps the whole file, and the pages a read
+    touches stay resident as long as the handle lives (reading a model layer by layer through one
+    handle grew the compressor's memory by the model's size)."""
 
     def __init__(self, model_dir: str | Path):
         path = Path(model_dir)
@@ -65,29 +69,41 @@ class CheckpointWeights:
             files = None
         else:
             raise UserError(f"{model_dir} has no model.safetensors (other weight formats are not supported)")
-        self.handles = {}
         for file in sorted({*files.values()} if files else {path / "model.safetensors"}):
-            self.handles[file] = open_checked(file)
-        if files is None:
-            (file, handle), = self.handles.items()
-            files = {name: file for name in handle.keys()}
+            with open_checked(file) as handle:
+                if files is None:
+                    files = {name: file for name in handle.keys()}
         self.files = files
 
     def names(self) -> list[str]:
         return list(self.files)
 
     def get(self, name: str) -> torch.Tensor:
-        if name not in self.files:
-            raise UserError(f"checkpoint has no tensor {name}")
-        try:
-            return self.handles[self.files[name]].get_tensor(name)
-        except SafetensorError as error:
-            raise UserError(f"cannot read {name} from {self.files[name]}: {error}") from None
+        return self.read([name])[name]
 
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of decoder layer `index`, named relative to the layer."""
         prefix = layer_prefix(index)
-        return {name[len(prefix):]: self.get(name) for name in self.files if name.startswith(prefix)}
+        tensors = self.read([name for name in self.files if name.startswith(prefix)])
+        return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named tensors, each file opened once."""
+        missing = [name for name in names if name not in self.files]
+        if missing:
+            raise UserError(f"checkpoint has no tensor {missing[0]}")
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        tensors = {}
+        for file, file_names in by_file.items():
+            with open_checked(file) as handle:
+                for name in file_names:
+                    try:
+                        tensors[name] = handle.get_tensor(name)
+                    except SafetensorError as error:
+                        raise UserError(f"cannot read {name} from {file}: {error}") from None
+        return tensors
 
 
 def open_checked(file: Path):

@@ -35,6 +35,7 @@ from intraslice.data import describe_source, load_token_samples
 from intraslice.evaluate import perplexity
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
+from intraslice.heap import release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
                                             dense_layer_dims)
@@ -47,6 +48,7 @@ class StageLog:
 
     @contextmanager
     def stage(self, name: str):
+        release_free_memory()  # what the previous stage freed
         start = time.perf_counter()
         yield
         self.stages[name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
@@ -179,6 +181,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
         with torch.no_grad():
             hidden = [h + layer.mlp(layer.post_attention_layernorm(h)) for h in mid]
         tensors.update({layer_prefix(index) + k: v.detach().cpu() for k, v in layer.state_dict().items()})
+        release_free_memory()  # this layer's activations, freed between the tensors kept, would stay resident
     return dims, tensors
 
 

@@ -25,11 +25,16 @@ LOSS_CHUNK = 128  # positions whose logits exist at once
 
 
 def next_token_nll(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
-    """Summed next-token negative log-likelihood of samples `ids` [B, T] (each from position 0).
-    The logits are formed LOSS_CHUNK positions at a time, and recomputed in the backward pass when
-    gradients are taken: with a 49k vocabulary a 512-token sample's full logits, their softmax and
-    their gradients take 0.4 GB."""
-    hidden, targets = model.model(ids)[:, :-1], ids[:, 1:]
+    """Summed next-token negative log-likelihood of samples `ids` [B, T] (each from position 0)."""
+    return hidden_nll(model, model.model(ids), ids)
+
+
+def hidden_nll(model: IntraSliceLlamaForCausalLM, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`next_token_nll` from the final (normed) hidden states [B, T, hidden] of `ids`. The logits are
+    formed LOSS_CHUNK positions at a time, and recomputed in the backward pass when gradients are
+    taken: with a 49k vocabulary a 512-token sample's full logits, their softmax and their gradients
+    take 0.4 GB."""
+    hidden, targets = hidden[:, :-1], ids[:, 1:]
     total = hidden.new_zeros(())
     for h, y in zip(hidden.split(LOSS_CHUNK, dim=1), targets.split(LOSS_CHUNK, dim=1)):
         total = total + (checkpoint(chunk_nll, model.lm_head, h, y, use_reentrant=False)
