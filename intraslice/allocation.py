@@ -7,9 +7,6 @@ Methods (see docs and the paper digest, methods.md §1.3):
   covariance), grouped into units of `head_dim/frac` principal components, largest first.
 - `global`: the same with plain per-channel masks (no rotation), units of whole heads when frac = 1.
 - `uniform`: every layer loses the same fraction.
-`smoothing` shrinks the Fisher ratios towards their mean: (1 - s) * Fisher + s * mean. The scores come
-from a few calibration samples, and halfway (s = 0.5, the default; the paper: 0) measured better than
-either end on both held-out domains (README).
 Fisher importance of a unit = sum over sample groups of (sum of its gradients)^2. The MLP keeps the
 global top (1 - R) of its neurons; attention units take the rest of the budget, counted for the real
 GQA layout (a query head costs its q/o rows plus its share of k/v). No layer loses more than 80%;
@@ -211,10 +208,10 @@ def split_removal(config, ratio: float, attention_share: float | None) -> tuple[
 
 
 def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac: int,
-             attention_share: float | None = None, smoothing: float = 0.0) -> LayerBudgets:
+             attention_share: float | None = None) -> LayerBudgets:
     """Per-layer ratios and parameter budgets for removing `ratio` of the decoder-layer weights, split
     between attention and MLPs by `split_removal`; `global-pca` and `global` spread each module's part
-    over the layers by Fisher importance, shrunk towards the mean by `smoothing`, `uniform` evenly."""
+    over the layers by Fisher importance, `uniform` evenly."""
     d, H, I, L = config.hidden_size, config.num_attention_heads, config.intermediate_size, config.num_hidden_layers
     dense_attention, dense_mlp = dense_module_params(config)
     attention_removed, mlp_removed = split_removal(config, ratio, attention_share)
@@ -230,7 +227,5 @@ def allocate(config, ratio: float, method: str, stats: FisherStats | None, frac:
         attention_ratio = global_ratios(unit_importance(stats, method, unit_frac),
                                         round(attention_budget / unit_cost))
     attention_ratio, mlp_ratio = cap_ratios(attention_ratio), cap_ratios(mlp_ratio)
-    # every layer's module has the same dense size, so moving towards the mean keeps the budget
-    attention_ratio, mlp_ratio = ((1 - smoothing) * r + smoothing * r.mean() for r in (attention_ratio, mlp_ratio))
     return LayerBudgets(attention_ratio.tolist(), mlp_ratio.tolist(),
                         ((1 - attention_ratio) * dense_attention).tolist(), ((1 - mlp_ratio) * dense_mlp).tolist())

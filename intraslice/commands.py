@@ -19,8 +19,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
         options = CompressOptions(
             ratio=args.ratio, allocation=args.allocation, calibration=args.text, text_field=args.text_field,
             samples=args.samples, generated_fraction=args.generated_fraction, seq_len=args.seq_len, seed=args.seed,
-            allocation_samples=args.allocation_samples, allocation_smoothing=args.allocation_smoothing,
-            group_size=args.group_size, global_frac=args.global_frac, attention_share=args.attention_share,
+            allocation_samples=args.allocation_samples, group_size=args.group_size, global_frac=args.global_frac,
+            attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
             compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target,
             shape_selection=args.shape_selection, mlp_selection=args.mlp_selection, eval_samples=args.eval_samples,
@@ -66,10 +66,6 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="which text windows are sampled (default: 0)")
     p.add_argument("--allocation-samples", type=int, default=defaults.allocation_samples,
                    help=f"calibration samples used for the Fisher scores (default: {defaults.allocation_samples})")
-    p.add_argument("--allocation-smoothing", type=float, default=defaults.allocation_smoothing,
-                   help="shrink the per-layer Fisher ratios towards their mean by this fraction, 0 <= S <= 1; "
-                        "the scores come from few samples, and halfway measured best on text of the calibration's "
-                        f"domain and of others (default: {defaults.allocation_smoothing}; the paper: 0)")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
                    help=f"samples whose gradients are summed before squaring (default: {defaults.group_size})")
     p.add_argument("--global-frac", type=int, default=defaults.global_frac,

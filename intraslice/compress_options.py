@@ -15,7 +15,6 @@ TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned ou
 # Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).
 VLLM_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 MAX_RATIO = 0.9
-ALLOCATION_SMOOTHING = 0.5  # per-layer Fisher ratios shrunk halfway to their mean (the paper: 0; see allocation)
 MLP_RIDGE = 0.3  # ridge of the MLP's least-squares fold, times mean(diag C) (the paper: 0.01; see compress_mlp)
 
 
@@ -32,7 +31,6 @@ class CompressOptions:
     seq_len: int = 512
     seed: int = 0
     allocation_samples: int = 16
-    allocation_smoothing: float = ALLOCATION_SMOOTHING
     group_size: int = 4
     global_frac: int = 4
     attention_share: float | None = 0.0  # None: the paper's proportional split (see README's quality table)
@@ -71,8 +69,6 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
     if options.mlp_ridge < 0:
         raise UserError(f"--mlp-ridge {options.mlp_ridge} must be >= 0")
-    if not 0 <= options.allocation_smoothing <= 1:
-        raise UserError(f"--allocation-smoothing {options.allocation_smoothing} must be between 0 and 1")
     if not 0 <= options.generated_fraction <= 1:
         raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
     if options.attention_share is not None and not 0 <= options.attention_share <= 1:

@@ -120,8 +120,7 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
                 stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
                                           options.group_size)
     method = options.allocation if stats is not None else "uniform"
-    budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share,
-                       options.allocation_smoothing)
+    budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, evaluation, budgets, dense_ppl
 
 

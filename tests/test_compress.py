@@ -284,8 +284,6 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                              "--generated-fraction", "0"], "too little"),
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
-        "smoothing": ([str(model), str(root / "out"), "--ratio", "0.2", "--allocation-smoothing", "2"],
-                      "--allocation-smoothing"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
         "attention share": ([str(model), str(root / "out"), "--ratio", "0.2", "--attention-share", "1.5"],
                             "--attention-share"),
