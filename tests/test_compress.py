@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from intraslice.adapters import CheckpointWeights
 from intraslice.allocation import attention_params
 from intraslice.cli import main
 from intraslice.compress_attention import AttentionOptions, compress_attention
@@ -231,6 +232,17 @@ def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
     assert first.shape == (3, 20) and first.min() >= 0 and first.max() < model.config.vocab_size
     assert first[:, ::8].max() < 300  # every piece starts from the tokenizer's vocabulary
     assert torch.equal(first, again) and not torch.equal(first, other_seed)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
+def test_checkpoint_reads_leave_the_file_unmapped_once_released(tiny_model):
+    """A mapping that outlives the tensors read keeps every page they touched resident: reading a model
+    layer by layer through one open handle grew the compressor by the model's size."""
+    weights = CheckpointWeights(tiny_model)
+    total = sum(float(t.abs().sum()) for t in [*weights.layer(0).values(), *weights.layer(1).values(),
+                                                weights.get("model.embed_tokens.weight")])
+    assert total > 0
+    assert str((tiny_model / "model.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
 
 
 def test_export_reload_round_trip(tiny_model, tmp_path):
