@@ -81,7 +81,8 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
     each decoder layer's input; the backward then re-runs one layer at a time with gradients, from the
     last to the first, and the statistics are taken there. Only one layer's activations exist at once,
     and every layer's come and go in the same sizes, so the heap reuses them (transformers' per-layer
-    checkpointing interleaves saved inputs with freed activations, and glibc's heap grew by 0.7 GB)."""
+    checkpointing interleaves saved inputs with freed activations, and glibc's heap grew by up to
+    0.9 GB in one sample's pass)."""
     config = model.config
     L, H, dh, I = (config.num_hidden_layers, config.num_attention_heads, dense_head_dim(config),
                    config.intermediate_size)
