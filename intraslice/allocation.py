@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from intraslice.calibration import eigh_descending, positions_for
-from intraslice.evaluate import hidden_nll
+from intraslice.evaluate import backward_mean_nll
 from intraslice.heap import release_free_memory
 from intraslice.io import UserError
 from intraslice.modeling_intraslice import dense_head_dim
@@ -135,7 +135,7 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
                 for layer in model.model.layers:
                     inputs.append(layer(inputs[-1], positions, None, None))
             h = inputs.pop().requires_grad_(True)
-            (hidden_nll(model, model.model.norm(h), sample) / (sample.shape[1] - 1)).backward()
+            backward_mean_nll(model, model.model.norm(h), sample)
             grad = h.grad
             for layer in reversed(model.model.layers):
                 x = inputs.pop().requires_grad_(True)

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from intraslice.adapters import CheckpointWeights, load_llama_config
@@ -21,25 +20,28 @@ def load_reference_model(model_dir: str | Path, device: str = "cpu") -> IntraSli
     return model.to(device).eval()
 
 
-LOSS_CHUNK = 128  # positions whose logits exist at once
+LOSS_CHUNK = 128  # positions whose logits exist at once: a 512-token sample's all take 0.1 GB, with a 49k vocabulary
 
 
 def next_token_nll(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of samples `ids` [B, T] (each from position 0)."""
-    return hidden_nll(model, model.model(ids), ids)
+    return sum(chunk_nll(model.lm_head, h, y) for h, y in loss_chunks(model.model(ids), ids))
 
 
-def hidden_nll(model: IntraSliceLlamaForCausalLM, hidden: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """`next_token_nll` from the final (normed) hidden states [B, T, hidden] of `ids`. The logits are
-    formed LOSS_CHUNK positions at a time, and recomputed in the backward pass when gradients are
-    taken: with a 49k vocabulary a 512-token sample's full logits, their softmax and their gradients
-    take 0.4 GB."""
-    hidden, targets = hidden[:, :-1], ids[:, 1:]
-    total = hidden.new_zeros(())
-    for h, y in zip(hidden.split(LOSS_CHUNK, dim=1), targets.split(LOSS_CHUNK, dim=1)):
-        total = total + (checkpoint(chunk_nll, model.lm_head, h, y, use_reentrant=False)
-                         if torch.is_grad_enabled() else chunk_nll(model.lm_head, h, y))
-    return total
+def backward_mean_nll(model: IntraSliceLlamaForCausalLM, hidden: torch.Tensor, ids: torch.Tensor) -> None:
+    """Back-propagate the mean next-token NLL of `ids` [B, T] from their final (normed) hidden states
+    `hidden`, one chunk of positions at a time: each chunk's logits, softmax and their gradients exist
+    only during its own backward pass (all chunks' at once added 0.4 GB for a 512-token sample)."""
+    detached = hidden.detach().requires_grad_(True)
+    count = ids[:, 1:].numel()
+    for h, y in loss_chunks(detached, ids):
+        (chunk_nll(model.lm_head, h, y) / count).backward()
+    hidden.backward(detached.grad)
+
+
+def loss_chunks(hidden: torch.Tensor, ids: torch.Tensor):
+    """(hidden states, next tokens) pairs of at most LOSS_CHUNK positions."""
+    return zip(hidden[:, :-1].split(LOSS_CHUNK, dim=1), ids[:, 1:].split(LOSS_CHUNK, dim=1))
 
 
 def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

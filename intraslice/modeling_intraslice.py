@@ -125,17 +125,28 @@ class RMSNorm(nn.Module):
 
 
 class KVCache:
-    """Per-layer key/value tensors [B, kv_heads, S, D], grown by concatenation (a reference, not fast)."""
+    """Per-layer keys and values [B, kv_heads, S, D] of the cached positions (`layers`: views into storage
+    that doubles when full). Token-by-token decoding thus allocates a few sizes per layer instead of a
+    larger copy at every step, which fragmented the heap while sampling calibration text."""
 
     def __init__(self, num_layers: int):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.storage: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.layers[layer] is not None:
-            k = torch.cat([self.layers[layer][0], k], dim=2)
-            v = torch.cat([self.layers[layer][1], v], dim=2)
-        self.layers[layer] = (k, v)
-        return k, v
+        cached = self.layers[layer]
+        start = 0 if cached is None else cached[0].shape[2]
+        end = start + k.shape[2]
+        storage = self.storage[layer]
+        if storage is None or storage[0].shape[2] < end:
+            storage = tuple(t.new_empty(*t.shape[:2], max(end, 2 * start), t.shape[3]) for t in (k, v))
+            for new, old in zip(storage, cached or ()):
+                new[:, :, :start] = old
+            self.storage[layer] = storage
+        for buffer, new in zip(storage, (k, v)):
+            buffer[:, :, start:end] = new
+        self.layers[layer] = (storage[0][:, :, :end], storage[1][:, :, :end])
+        return self.layers[layer]
 
 
 class Attention(nn.Module):
@@ -181,11 +192,10 @@ class Attention(nn.Module):
         group = d.num_heads // d.num_kv_heads
         cos, sin = (t.repeat_interleave(group, dim=2) for t in self.rope_tables(positions))
         q = apply_rope(self.q_proj(x).view(B, T, d.num_heads, d.head_dim), cos, sin).transpose(1, 2)
-        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         # Without a cache, is_causal takes SDPA's fast path; with one, queries see keys up to their position.
         mask = None if key_positions is None else key_positions[:, None, None, :] <= positions[:, None, :, None]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                             scale=d.softmax_scale)
+                                             scale=d.softmax_scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(B, T, d.num_heads * d.head_dim)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache | None, layer: int,

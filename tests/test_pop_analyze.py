@@ -84,6 +84,19 @@ def test_reference_pop_with_empty_skip_set_equals_no_pop():
     assert not torch.equal(model.generate_greedy(ids, 4, pop=True)[1], logprobs)
 
 
+def test_cached_decoding_equals_the_full_forward():
+    """Prefill, then one token at a time through the cache (its storage grows past its first size twice):
+    every step's logits equal the uncached causal forward's at that position."""
+    model = tiny_pruned_model()
+    ids = random_ids(2, 13)
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = KVCache(4)
+        steps = [model.prefill(ids[:, :3], cache)] + [model.prefill(ids[:, i:i + 1], cache) for i in range(3, 13)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], rtol=1e-5, atol=1e-5)
+    assert cache.storage[0][0].shape[2] == 24 and cache.layers[0][0].shape[2] == 13
+
+
 def test_skip_count_follows_the_fraction_and_never_takes_every_layer():
     assert [pop.skip_count(30, f) for f in (0, 0.2, 1 / 3, 0.5)] == [0, 6, 10, 15]
     assert pop.skip_count(4, 0.99) == 3
