@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import platform
-import resource
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -35,7 +34,7 @@ from intraslice.data import describe_source, load_token_samples
 from intraslice.evaluate import perplexity
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
-from intraslice.heap import release_free_memory
+from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
                                             dense_layer_dims)
@@ -52,10 +51,6 @@ class StageLog:
         start = time.perf_counter()
         yield
         self.stages[name] = {"seconds": round(time.perf_counter() - start, 2), "peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOptions) -> dict:

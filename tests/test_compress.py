@@ -245,6 +245,20 @@ def test_checkpoint_reads_leave_the_file_unmapped_once_released(tiny_model):
     assert str((tiny_model / "model.safetensors").resolve()) not in Path("/proc/self/maps").read_text()
 
 
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_peak_memory_is_the_process_own_when_started_by_a_larger_parent():
+    """The report's peak RSS: a benchmark that evaluates in-process, then starts `intraslice compress`,
+    must not pass its own size on (getrusage's ru_maxrss after fork + exec does)."""
+    import subprocess
+    import sys
+
+    parent_memory = torch.ones(2 ** 27)  # 512 MB resident in this process while the child starts
+    child = subprocess.run([sys.executable, "-c", "from intraslice.heap import peak_rss_mb; print(peak_rss_mb())"],
+                           capture_output=True, text=True, check=True)
+    del parent_memory
+    assert 0 < float(child.stdout) < 100
+
+
 def test_export_reload_round_trip(tiny_model, tmp_path):
     from transformers import AutoModelForCausalLM
 
