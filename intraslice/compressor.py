@@ -36,7 +36,7 @@ from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
 from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
-from intraslice.modeling_intraslice import (DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
+from intraslice.modeling_intraslice import (Attention, DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
                                             dense_layer_dims)
 
 class StageLog:
@@ -195,7 +195,8 @@ def build_model(config: dict, weights: CheckpointWeights, layer_tensors: dict[st
     from transformers import LlamaConfig
 
     llama_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
-    model = IntraSliceLlamaForCausalLM(llama_config)
+    with torch.device("meta"):  # weights of its own would be a second, randomly initialised model
+        model = IntraSliceLlamaForCausalLM(llama_config)
     state = dict(layer_tensors)
     for name in weights.names():
         if not name.startswith("model.layers."):
@@ -203,6 +204,10 @@ def build_model(config: dict, weights: CheckpointWeights, layer_tensors: dict[st
     if llama_config.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, assign=True)  # the compressed layers' own tensors: no second copy
+    for module in model.modules():
+        if isinstance(module, Attention):  # the rotary table is a buffer, not in the state
+            module.inv_freq = torch.empty(module.inv_freq.shape)
+            module.reset_rope()
     return model.to(device).eval()
 
 
