@@ -85,7 +85,7 @@ def test_reference_pop_with_empty_skip_set_equals_no_pop():
 
 
 def test_cached_decoding_equals_the_full_forward():
-    """Prefill, then one token at a time through the cache (its storage grows past its first size twice):
+    """Prefill, then one token at a time through the cache (its storage doubles three times, 3 -> 24):
     every step's logits equal the uncached causal forward's at that position."""
     model = tiny_pruned_model()
     ids = random_ids(2, 13)
