@@ -57,7 +57,8 @@ def main() -> None:
     runs = [(f"R={r} global-pca", r, []) for r in args.ratios]
     if not args.no_ablations:
         proportional = ["--attention-share", "proportional"]
-        runs += [("R=0.3 proportional split, global-pca", 0.3, proportional),
+        runs += [("R=0.3 no distillation", 0.3, ["--distill-steps", "0"]),
+                 ("R=0.3 proportional split, global-pca", 0.3, proportional),
                  ("R=0.3 proportional split, global", 0.3, [*proportional, "--allocation", "global"]),
                  ("R=0.3 paper's ridge 0.01", 0.3, ["--mlp-ridge", "0.01"]),
                  ("R=0.3 no least squares", 0.3, ["--no-compensation"]),

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from intraslice.calibration import eigh_descending, positions_for
-from intraslice.evaluate import backward_mean_nll
+from intraslice.calibration import eigh_descending
+from intraslice.evaluate import backward_layer_by_layer, backward_mean_nll
 from intraslice.heap import release_free_memory
 from intraslice.io import UserError
 from intraslice.modeling_intraslice import dense_head_dim
@@ -77,12 +77,8 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
     """Forward and backward passes over `tokens` (LM loss), weights frozen, recording mask gradients
     per group of `group_size` samples (the paper stabilises Fisher scores this way).
 
-    One sample at a time, checkpointed by hand, layer by layer: a forward without gradients keeps only
-    each decoder layer's input; the backward then re-runs one layer at a time with gradients, from the
-    last to the first, and the statistics are taken there. Only one layer's activations exist at once,
-    and every layer's come and go in the same sizes, so the heap reuses them (transformers' per-layer
-    checkpointing interleaves saved inputs with freed activations, and glibc's heap grew by up to
-    0.9 GB in one sample's pass)."""
+    One sample at a time, checkpointed by hand layer by layer (`backward_layer_by_layer`); the hooks
+    take the statistics in the re-run of each layer with gradients."""
     config = model.config
     L, H, dh, I = (config.num_hidden_layers, config.num_attention_heads, dense_head_dim(config),
                    config.intermediate_size)
@@ -129,18 +125,7 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
         for sample_index in tqdm(range(tokens.shape[0]), desc="allocation: gradients", unit="sample"):
             current["group"] = sample_index // group_size
             sample = tokens[sample_index:sample_index + 1]
-            positions = positions_for(sample)
-            with torch.no_grad():
-                inputs = [model.model.embed_tokens(sample)]
-                for layer in model.model.layers:
-                    inputs.append(layer(inputs[-1], positions, None, None))
-            h = inputs.pop().requires_grad_(True)
-            backward_mean_nll(model, model.model.norm(h), sample)
-            grad = h.grad
-            for layer in reversed(model.model.layers):
-                x = inputs.pop().requires_grad_(True)
-                layer(x, positions, None, None).backward(grad)
-                grad = x.grad
+            backward_layer_by_layer(model, sample, lambda hidden: backward_mean_nll(model, hidden, sample))
             release_free_memory()
     finally:
         for handle in handles:

@@ -42,6 +42,9 @@ class CompressOptions:
     target: str = "own"
     shape_selection: str = "error"
     mlp_selection: str = "score"
+    distill_steps: int = 32  # self-distillation steps after compression (intraslice.distill); 0: none
+    distill_lr: float = 1e-3
+    distill_rank: int = 16
     eval_samples: int = 16
     batch_size: int = 4
     device: str = "cpu"
@@ -73,5 +76,8 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
     if options.attention_share is not None and not 0 <= options.attention_share <= 1:
         raise UserError(f"--attention-share {options.attention_share} must be between 0 and 1 (or proportional)")
+    if options.distill_steps < 0 or options.distill_rank < 1 or not options.distill_lr > 0:
+        raise UserError(f"--distill-steps must be >= 0, --distill-rank >= 1 and --distill-lr > 0 (got "
+                        f"{options.distill_steps}, {options.distill_rank}, {options.distill_lr})")
     if options.allocation_samples > options.samples:
         raise UserError(f"--allocation-samples {options.allocation_samples} exceeds --samples {options.samples}")

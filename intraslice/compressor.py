@@ -3,7 +3,8 @@
     calibration text ─► split of the removed weights between attention and MLPs (`--attention-share`),
     per-layer ratios (global estimator) ─► layer by layer, on the already
     compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least squares) then MLP
-    (channel selection, least squares) ─► export (a physically smaller checkpoint) + report
+    (channel selection, least squares) ─► self-distillation towards the dense model (optional)
+    ─► export (a physically smaller checkpoint) + report
 
 Memory: the ratio estimator needs gradients through the whole dense model (one copy); compression then
 streams the source checkpoint one decoder layer at a time, keeping only that layer, the calibration
@@ -31,6 +32,7 @@ from intraslice.compress_options import CompressOptions, validate
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
 from intraslice.data import describe_source, load_token_samples
+from intraslice.distill import DistillResult, TeacherTargets, distill, teacher_targets
 from intraslice.evaluate import perplexity
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
@@ -68,16 +70,22 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     split_removal(config, options.ratio, options.attention_share)  # an impossible split fails before the work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
-    calibration, evaluation, budgets, dense_ppl = calibrate_and_allocate(model_dir, config, tokenizer, options, log)
+    calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(model_dir, config, tokenizer,
+                                                                                  options, log)
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
     source_config = json.loads((model_dir / "config.json").read_text())
+    model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
+    distilled = None
+    if teacher is not None:
+        with log.stage("distillation"):
+            distilled = distill(model, calibration, teacher, options.distill_steps, options.distill_lr,
+                                 options.distill_rank, options.seed)
     with log.stage("evaluation"):
-        model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
         pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
     pop_skip = choose_pop_skip(model, tokenizer, options) if options.pop_skip else []
     dtype = weights.get("model.embed_tokens.weight").dtype
-    report = build_report(config, dims, budgets, options, log, dense_ppl, pruned_ppl, pop_skip, dtype)
+    report = build_report(config, dims, budgets, options, log, dense_ppl, pruned_ppl, pop_skip, dtype, distilled)
     with log.stage("export"), atomic_output_dir(out_dir, options.overwrite) as tmp:
         out_tensors = {name: t.to(dtype) for name, t in model.state_dict().items()
                        if not (name == "lm_head.weight" and config.tie_word_embeddings)}
@@ -86,9 +94,11 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
 
 
 def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: CompressOptions, log: StageLog
-                           ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None]:
+                           ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None,
+                                      TeacherTargets | None]:
     """Calibration samples (text windows, plus samples drawn from the dense model), held-out
-    evaluation samples, per-layer budgets, and the dense perplexity, from one load of the dense model."""
+    evaluation samples, per-layer budgets, the dense perplexity, and the dense model's next-token
+    targets for the distillation, from one load of the dense model."""
     generated = round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
     with log.stage("calibration data"):
         calibration = (load_token_samples(tokenizer, options.calibration, options.samples - generated,
@@ -97,9 +107,10 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
         evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
                                          options.seed, "evaluation", options.text_field)
                       if options.eval_samples else None)
-    dense_ppl, stats = None, None
+    dense_ppl, stats, teacher = None, None, None
     needs_fisher = options.allocation != "uniform" and options.ratio > 0
-    if generated or needs_fisher or evaluation is not None:
+    needs_teacher = options.distill_steps > 0 and options.ratio > 0
+    if generated or needs_fisher or needs_teacher or evaluation is not None:
         dense = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
         dense = dense.to(options.device).eval()
         if generated:
@@ -114,9 +125,12 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
             with log.stage("allocation"):
                 stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
                                           options.group_size)
+        if needs_teacher:
+            with log.stage("distillation targets"):
+                teacher = teacher_targets(dense, calibration)
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
-    return calibration, evaluation, budgets, dense_ppl
+    return calibration, evaluation, budgets, dense_ppl, teacher
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
@@ -225,7 +239,8 @@ def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: Compr
 
 
 def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: CompressOptions, log: StageLog,
-                 dense_ppl: float | None, pruned_ppl: float | None, pop_skip: list[int], dtype: torch.dtype) -> dict:
+                 dense_ppl: float | None, pruned_ppl: float | None, pop_skip: list[int], dtype: torch.dtype,
+                 distilled: DistillResult | None) -> dict:
     """intraslice_report.json: what was done, what it achieved, and what it cost."""
     import transformers
 
@@ -257,6 +272,9 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                        "dense": dense_ppl, "pruned": pruned_ppl},
         "allocation": {"method": options.allocation, "attention_ratio": budgets.attention_ratio,
                        "mlp_ratio": budgets.mlp_ratio},
+        "distillation": None if distilled is None else {
+            "steps": options.distill_steps, "lr": options.distill_lr, "rank": options.distill_rank,
+            **asdict(distilled)},
         "layers": [d.to_json() for d in dims],
         "pop_skip_layers": pop_skip,
         "stages": log.stages,

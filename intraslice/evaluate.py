@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from intraslice.adapters import CheckpointWeights, load_llama_config
+from intraslice.calibration import positions_for
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
 
 
@@ -25,24 +27,52 @@ LOSS_CHUNK = 32  # positions whose logits exist at once (0.8 MB each with gradie
 
 def next_token_nll(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Summed next-token negative log-likelihood of samples `ids` [B, T] (each from position 0)."""
-    return sum(chunk_nll(model.lm_head, h, y) for h, y in loss_chunks(model.model(ids), ids))
+    hidden, targets = model.model(ids)[:, :-1], ids[:, 1:]
+    return sum(chunk_nll(model.lm_head, hidden[:, span], targets[:, span]) for span in chunk_spans(targets.shape[1]))
 
 
 def backward_mean_nll(model: IntraSliceLlamaForCausalLM, hidden: torch.Tensor, ids: torch.Tensor) -> None:
     """Back-propagate the mean next-token NLL of `ids` [B, T] from their final (normed) hidden states
-    `hidden`, one chunk of positions at a time: each chunk's logits, softmax and their gradients exist
-    only during its own backward pass (checkpointed chunks summed into one loss peaked 0.2 GB higher
-    for a 512-token sample)."""
-    detached = hidden.detach().requires_grad_(True)
+    `hidden`, one chunk of positions at a time (`backward_in_chunks`)."""
     count = ids[:, 1:].numel()
-    for h, y in loss_chunks(detached, ids):
-        (chunk_nll(model.lm_head, h, y) / count).backward()
+    backward_in_chunks(hidden[:, :-1], lambda h, span: chunk_nll(model.lm_head, h, ids[:, 1:][:, span]) / count)
+
+
+def backward_in_chunks(hidden: torch.Tensor, chunk_loss: Callable[[torch.Tensor, slice], torch.Tensor]) -> None:
+    """Back-propagate the sum of `chunk_loss(hidden[:, span], span)` over spans of LOSS_CHUNK positions:
+    each chunk's logits, softmax and their gradients exist only during its own backward pass
+    (checkpointed chunks summed into one loss peaked 0.2 GB higher for a 512-token sample)."""
+    detached = hidden.detach().requires_grad_(True)
+    for span in chunk_spans(hidden.shape[1]):
+        chunk_loss(detached[:, span], span).backward()
     hidden.backward(detached.grad)
 
 
-def loss_chunks(hidden: torch.Tensor, ids: torch.Tensor):
-    """(hidden states, next tokens) pairs of at most LOSS_CHUNK positions."""
-    return zip(hidden[:, :-1].split(LOSS_CHUNK, dim=1), ids[:, 1:].split(LOSS_CHUNK, dim=1))
+def chunk_spans(length: int) -> list[slice]:
+    """Consecutive spans of at most LOSS_CHUNK positions covering `length`."""
+    return [slice(start, start + LOSS_CHUNK) for start in range(0, length, LOSS_CHUNK)]
+
+
+def backward_layer_by_layer(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor,
+                            backward_head: Callable[[torch.Tensor], None]) -> None:
+    """Gradients of a loss on the final normed hidden states of `ids` [B, T] (`backward_head` back-
+    propagates it), checkpointed by hand: a forward without gradients keeps only each decoder layer's
+    input, then each layer is re-run with gradients, from the last to the first. Only one layer's
+    activations exist at once, and every layer's come and go in the same sizes, so the heap reuses them
+    (transformers' per-layer checkpointing interleaves saved inputs with freed activations, and glibc's
+    heap grew by up to 0.9 GB in one sample's pass). The embeddings get no gradient."""
+    positions = positions_for(ids)
+    with torch.no_grad():
+        inputs = [model.model.embed_tokens(ids)]
+        for layer in model.model.layers:
+            inputs.append(layer(inputs[-1], positions, None, None))
+    h = inputs.pop().requires_grad_(True)
+    backward_head(model.model.norm(h))
+    grad = h.grad
+    for layer in reversed(model.model.layers):
+        x = inputs.pop().requires_grad_(True)
+        layer(x, positions, None, None).backward(grad)
+        grad = x.grad
 
 
 def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

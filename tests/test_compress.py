@@ -22,7 +22,7 @@ from intraslice.compressor import compress
 from intraslice.evaluate import load_reference_model
 from intraslice.modeling_intraslice import Attention, LayerDims, MLP, dense_layer_dims
 
-FAST = dict(samples=4, seq_len=64, allocation_samples=4, group_size=2, eval_samples=2, batch_size=2)
+FAST = dict(samples=4, seq_len=64, allocation_samples=4, group_size=2, eval_samples=2, batch_size=2, distill_steps=4)
 
 
 def build_tiny_llama(out: Path, heads: int, kv_heads: int, head_dim: int = 16, hidden: int = 64,
@@ -311,6 +311,8 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
+        "negative distillation": ([str(model), str(root / "out"), "--ratio", "0.2", "--distill-steps", "-1"],
+                                  "--distill-steps"),
         "attention share": ([str(model), str(root / "out"), "--ratio", "0.2", "--attention-share", "1.5"],
                             "--attention-share"),
         "impossible split": ([str(model), str(root / "out"), "--ratio", "0.9", "--attention-share", "0"],
@@ -342,7 +344,8 @@ def example_pruned(example_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     attention pruned too (the paper's proportional split)."""
     out = tmp_path_factory.mktemp("example") / "pruned"
     report = compress(example_model_dir, out, CompressOptions(
-        ratio=0.3, attention_share=None, samples=8, seq_len=128, allocation_samples=4, group_size=2, eval_samples=2))
+        ratio=0.3, attention_share=None, samples=8, seq_len=128, allocation_samples=4, group_size=2, eval_samples=2,
+        distill_steps=8))
     return out, report
 
 

@@ -1,0 +1,140 @@
+"""Self-distillation after compression: the top-k KL, the low-rank updates and their merge, the
+layer-by-layer backward, and that the compressor's distillation moves the pruned model towards dense."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer
+
+from intraslice.compress_options import CompressOptions
+from intraslice.compressor import compress
+from intraslice.data import load_token_samples
+from intraslice.distill import LowRankUpdates, distill, teacher_targets, top_k_kl
+from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, load_reference_model
+from test_compress import FAST, build_tiny_llama
+
+
+@pytest.fixture(scope="module")
+def tiny_gqa(tmp_path_factory):
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny") / "model", 6, 2, hidden=96)
+
+
+@pytest.fixture(scope="module")
+def tiny_sharp(tiny_gqa, tmp_path_factory):
+    """The tiny model saved with the sharpened final norm (see `sharpened`)."""
+    from transformers import LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("sharp") / "model"
+    model = LlamaForCausalLM.from_pretrained(tiny_gqa, dtype=torch.float32)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)
+    model.save_pretrained(out)
+    shutil.copy(tiny_gqa / "tokenizer.json", out)
+    shutil.copy(tiny_gqa / "tokenizer_config.json", out)
+    return out
+
+
+def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_otherwise():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 50), torch.randn(2, 5, 50)
+    log_p = F.log_softmax(teacher, -1)
+    full = F.kl_div(F.log_softmax(student, -1), log_p, log_target=True, reduction="sum")
+    everything = log_p.topk(50, -1)
+    assert torch.allclose(top_k_kl(student, everything.values, everything.indices), full, rtol=1e-5)
+    top = log_p.topk(8, -1)
+    coarse = top_k_kl(student, top.values, top.indices)
+    assert 0 < coarse < full  # merging outcomes never raises a KL divergence
+    assert abs(top_k_kl(teacher, top.values, top.indices)) < 1e-5
+
+
+def test_low_rank_updates_merge_into_the_same_model(tiny_gqa):
+    model = load_reference_model(tiny_gqa)
+    ids = torch.randint(0, 300, (1, 24))
+    with torch.no_grad():
+        dense = model(ids).logits
+        updates = LowRankUpdates(model, rank=4, generator=torch.Generator().manual_seed(0))
+        assert torch.equal(model(ids).logits, dense)  # B = 0: training starts from the compressed model
+        for _, _, b in updates.updates:
+            b.normal_(0, 0.05)
+        hooked = model(ids).logits
+        updates.remove()
+        assert torch.equal(model(ids).logits, dense)
+        updates.merge()
+        merged = model(ids).logits
+    assert (hooked - dense).abs().max() > 1e-2
+    assert (merged - hooked).abs().max() < 1e-4
+    assert not any(module._forward_hooks for module in model.modules())
+
+
+def test_layer_by_layer_backward_equals_autograd_through_the_model(tiny_gqa):
+    model = load_reference_model(tiny_gqa)
+    ids = torch.randint(0, 300, (1, 40))
+    targets = torch.randint(0, 300, (1, 40))
+
+    def loss(hidden: torch.Tensor, span: slice) -> torch.Tensor:
+        return F.cross_entropy(model.lm_head(hidden).flatten(0, 1), targets[:, span].flatten(), reduction="sum")
+
+    model.zero_grad()
+    loss(model.model(ids), slice(None)).backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters() if "layers" in name}
+    model.zero_grad()
+    backward_layer_by_layer(model, ids, lambda hidden: backward_in_chunks(hidden, loss))
+    for name, grad in expected.items():
+        assert torch.allclose(dict(model.named_parameters())[name].grad, grad, atol=1e-5), name
+
+
+def sharpened(folder):
+    """The random model with a 30x larger final norm: peaked next-token distributions, as trained
+    models have (the random ones are almost uniform)."""
+    model = load_reference_model(folder)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(30)
+    return model
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa):
+    teacher = sharpened(tiny_gqa)
+    samples = torch.randint(0, 300, (4, 32))
+    targets = teacher_targets(teacher, samples, k=16)
+    assert targets.log_probs.shape == targets.tokens.shape == (4, 32, 16)
+    student = sharpened(tiny_gqa)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a damaged copy of the teacher
+        for module in student.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.add_(torch.randn(module.weight.shape, generator=noise) * 0.02)
+    shapes = {name: p.shape for name, p in student.named_parameters()}
+    before = {name: p.clone() for name, p in student.named_parameters()}
+    diverged = distill(student, samples, targets, steps=8, lr=1.0, rank=4, seed=0)
+    assert not diverged.kept and diverged.kl_after > diverged.kl_before
+    assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())  # dropped
+    result = distill(student, samples, targets, steps=40, lr=3e-3, rank=4, seed=0)
+    assert result.kept and result.kl_after < 0.1 * result.kl_before
+    assert {name: p.shape for name, p in student.named_parameters()} == shapes
+    assert not any(p.requires_grad for p in student.parameters())
+    assert not any(module._forward_hooks for module in student.modules())
+
+
+def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp, tmp_path):
+    options = dict(ratio=0.4, **{**FAST, "samples": 8, "allocation_samples": 4, "distill_steps": 32})
+    plain = compress(tiny_sharp, tmp_path / "plain", CompressOptions(**{**options, "distill_steps": 0}))
+    distilled = compress(tiny_sharp, tmp_path / "distilled",
+                         CompressOptions(distill_lr=1e-4, distill_rank=4, **options))
+    assert plain["distillation"] is None and "distillation" not in plain["stages"]
+    assert distilled["layers"] == plain["layers"]
+    report = distilled["distillation"]
+    assert report["kept"] and report["kl_after"] < report["kl_before"]
+    assert distilled["perplexity"]["pruned"] != plain["perplexity"]["pruned"]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_sharp)  # held-out text: the KL falls beyond the calibration
+    samples = load_token_samples(tokenizer, None, 2, 64, 0, "evaluation")
+    dense = F.log_softmax(load_reference_model(tiny_sharp)(samples).logits, -1).detach()
+
+    def kl(folder) -> float:
+        with torch.no_grad():
+            logits = load_reference_model(folder)(samples).logits
+        return float(F.kl_div(F.log_softmax(logits, -1), dense, log_target=True, reduction="batchmean"))
+
+    assert kl(tmp_path / "distilled") < kl(tmp_path / "plain")
