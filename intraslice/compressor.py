@@ -3,12 +3,13 @@
     calibration text ─► split of the removed weights between attention and MLPs (`--attention-share`),
     per-layer ratios (global estimator) ─► layer by layer, on the already
     compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least squares) then MLP
-    (channel selection, least squares) ─► self-distillation towards the dense model (optional)
-    ─► export (a physically smaller checkpoint) + report
+    (channel selection, least squares) ─► a short self-distillation of the whole pruned model towards
+    the dense one (`--distill-steps`) ─► export (a physically smaller checkpoint) + report
 
 Memory: the ratio estimator needs gradients through the whole dense model (one copy); compression then
 streams the source checkpoint one decoder layer at a time, keeping only that layer, the calibration
-activations and the (smaller) compressed layers. The input folder is never written to; the output
+activations and the (smaller) compressed layers; the distillation holds the pruned model, its low-rank
+updates and one layer's activations at a time. The input folder is never written to; the output
 appears whole or not at all (`atomic_output_dir`).
 """
 from __future__ import annotations
