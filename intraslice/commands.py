@@ -32,6 +32,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
               f"(requested {args.ratio:.2%}); KV cache {report['kv_cache_bytes_per_token']['pruned']} "
               f"B/token (dense {report['kv_cache_bytes_per_token']['dense']})"
               + (f"; held-out perplexity {ppl['dense']:.3f} -> {ppl['pruned']:.3f}" if ppl["pruned"] else ""))
+        if (distilled := report["distillation"]) is not None:
+            print(f"distillation: KL to the dense model {distilled['kl_before']:.4f} -> {distilled['kl_after']:.4f}"
+                  + ("" if distilled["kept"] else " (no better: the updates were dropped; try a lower --distill-lr)"))
 
     from intraslice.compress_options import (ALLOCATION_METHODS, MLP_SELECTIONS, SHAPE_SELECTIONS, TARGETS,
                                             VLLM_HEAD_DIMS, CompressOptions)

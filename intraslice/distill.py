@@ -40,6 +40,10 @@ class TeacherTargets:
     log_probs: torch.Tensor  # [N, T, k] float32
     tokens: torch.Tensor     # [N, T, k] int64 token ids
 
+    def of(self, index: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample `index`'s targets [1, T, k] on `device`."""
+        return self.log_probs[index:index + 1].to(device), self.tokens[index:index + 1].to(device)
+
 
 @torch.no_grad()
 def teacher_targets(teacher: IntraSliceLlamaForCausalLM, samples: torch.Tensor, k: int = TOP_K) -> TeacherTargets:
@@ -126,7 +130,7 @@ def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
         for step in (bar := tqdm(range(steps), desc="distillation: steps", unit="step")):
             index = step % len(samples)
             sample = samples[index:index + 1].to(device)
-            log_probs, tokens = targets.log_probs[index:index + 1].to(device), targets.tokens[index:index + 1].to(device)
+            log_probs, tokens = targets.of(index, device)
             total = []
 
             def chunk_loss(hidden: torch.Tensor, span: slice) -> torch.Tensor:
@@ -158,7 +162,7 @@ def mean_kl(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
     total = 0.0
     for index in indices:
         hidden = model.model(samples[index:index + 1].to(device))
-        log_probs, tokens = targets.log_probs[index:index + 1].to(device), targets.tokens[index:index + 1].to(device)
+        log_probs, tokens = targets.of(index, device)
         total += sum(float(top_k_kl(model.lm_head(hidden[:, span]), log_probs[:, span], tokens[:, span]))
                      for span in chunk_spans(hidden.shape[1]))
     return total / (len(indices) * samples.shape[1])

@@ -138,3 +138,13 @@ def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp,
         return float(F.kl_div(F.log_softmax(logits, -1), dense, log_target=True, reduction="batchmean"))
 
     assert kl(tmp_path / "distilled") < kl(tmp_path / "plain")
+
+
+def test_cli_prints_the_distillation(tiny_gqa, tmp_path, capsys):
+    from intraslice.cli import main
+
+    code = main(["compress", str(tiny_gqa), str(tmp_path / "out"), "--ratio", "0.3", "--samples", "4",
+                 "--seq-len", "64", "--allocation-samples", "4", "--eval-samples", "0", "--distill-steps", "4",
+                 "--distill-lr", "1e-5"])
+    out = capsys.readouterr().out
+    assert code == 0 and "distillation: KL to the dense model" in out, out
