@@ -33,7 +33,7 @@ from intraslice.compress_options import CompressOptions, validate
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
 from intraslice.data import describe_source, load_token_samples
-from intraslice.distill import DistillResult, TeacherTargets, distill, teacher_targets
+from intraslice.distill import DistillResult, TeacherTargets, distill, samples_used, teacher_targets
 from intraslice.evaluate import perplexity
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
@@ -80,8 +80,8 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     distilled = None
     if teacher is not None:
         with log.stage("distillation"):
-            distilled = distill(model, calibration, teacher, options.distill_steps, options.distill_lr,
-                                 options.distill_rank, options.seed)
+            distilled = distill(model, calibration[:len(teacher.log_probs)], teacher, options.distill_steps,
+                                options.distill_lr, options.distill_rank, options.seed)
     with log.stage("evaluation"):
         pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
     pop_skip = choose_pop_skip(model, tokenizer, options) if options.pop_skip else []
@@ -128,7 +128,7 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
                                           options.group_size)
         if needs_teacher:
             with log.stage("distillation targets"):
-                teacher = teacher_targets(dense, calibration)
+                teacher = teacher_targets(dense, calibration[:samples_used(len(calibration), options.distill_steps)])
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, evaluation, budgets, dense_ppl, teacher

@@ -114,6 +114,12 @@ class DistillResult:
 CHECK_SAMPLES = 8  # calibration samples on which the KL is compared before and after
 
 
+def samples_used(num_samples: int, steps: int) -> int:
+    """How many of the first calibration samples `distill` reads (steps and checks), so that the
+    teacher's targets are computed for those alone."""
+    return min(num_samples, max(steps, CHECK_SAMPLES))
+
+
 def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: TeacherTargets, steps: int,
             lr: float, rank: int, seed: int) -> DistillResult:
     """`steps` AdamW steps (cosine-decayed learning rate, clipped gradients) of low-rank updates, one
