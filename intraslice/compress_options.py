@@ -43,7 +43,7 @@ class CompressOptions:
     shape_selection: str = "error"
     mlp_selection: str = "score"
     distill_steps: int = 32  # self-distillation steps after compression (intraslice.distill); 0: none
-    distill_lr: float = 1e-3
+    distill_lr: float = 2e-3
     distill_rank: int = 16
     eval_samples: int = 16
     batch_size: int = 4
