@@ -68,7 +68,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         f"(default: {defaults.generated_fraction}; 0 calibrates on --text alone, as the paper)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len,
                    help=f"tokens per sample (default: {defaults.seq_len})")
-    p.add_argument("--seed", type=int, default=0, help="which text windows are taken and which samples are generated (default: 0)")
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help=f"which text windows are taken and which samples are generated (default: {defaults.seed})")
     p.add_argument("--allocation-samples", type=int, default=defaults.allocation_samples,
                    help=f"calibration samples used for the Fisher scores (default: {defaults.allocation_samples})")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
