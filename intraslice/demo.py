@@ -61,7 +61,7 @@ def compress_example(dense_dir: Path, work_dir: Path) -> Path:
     if (path / "intraslice_report.json").is_file():
         print(f"reusing {path}")
     else:
-        # no distillation (4 minutes on 2 cores): the demo is about serving, and the shapes, so the
+        # no distillation (about 3 minutes on 2 cores): the demo is about serving, and the shapes, so the
         # speed, are the same with it
         compress(dense_dir, path, CompressOptions(ratio=DEMO_RATIO, pop_skip="auto", distill_steps=0,
                                                   command=["intraslice", "demo"]))
