@@ -2,7 +2,8 @@
 held-out perplexity on the calibration's domain (pydoc prose) and on another domain (the King James
 Bible), compression time and peak RSS, at R = 0.1..0.4, plus ablations at R = 0.3: attention pruned in
 proportion, as in the paper, with allocation global-pca vs global (they differ only in how attention
-units are scored, so only where attention is pruned); uniform vs Fisher allocation of the MLPs;
+units are scored, so only where attention is pruned); uniform vs Fisher allocation of the MLPs, and
+Fisher scores from the text's own next tokens (the paper) instead of the model's sampled ones;
 least-squares compensation off, or with the paper's ridge 0.01; calibration without samples generated
 by the model.
 
@@ -63,6 +64,7 @@ def main() -> None:
                  ("R=0.3 paper's ridge 0.01", 0.3, ["--mlp-ridge", "0.01"]),
                  ("R=0.3 no least squares", 0.3, ["--no-compensation"]),
                  ("R=0.3 uniform", 0.3, ["--allocation", "uniform"]),
+                 ("R=0.3 Fisher on the text's labels", 0.3, ["--fisher-labels", "text"]),
                  ("R=0.3 text-only calibration", 0.3, ["--generated-fraction", "0"])]
     dense = perplexities(model, args.eval_samples)
     header = ("| run | removed | decoder params | KV B/token | ppl same (x dense) | ppl other (x dense) "

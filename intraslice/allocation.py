@@ -7,7 +7,11 @@ Methods (see docs and the paper digest, methods.md §1.3):
   covariance), grouped into units of `head_dim/frac` principal components, largest first.
 - `global`: the same with plain per-channel masks (no rotation), units of whole heads when frac = 1.
 - `uniform`: every layer loses the same fraction.
-Fisher importance of a unit = sum over sample groups of (sum of its gradients)^2. The MLP keeps the
+Fisher importance of a unit = sum over sample groups of (sum of its gradients)^2. The gradients are
+those of the log-likelihood of next tokens drawn from the model's own predictions (`labels="sampled"`,
+the true Fisher information) by default, or of the text's own next tokens (`"text"`, the paper's
+empirical Fisher): a text's labels add the model's systematic errors on that text to the scores, which
+then favour the channels of the calibration's domain. The MLP keeps the
 global top (1 - R) of its neurons; attention units take the rest of the budget, counted for the real
 GQA layout (a query head costs its q/o rows plus its share of k/v). No layer loses more than 80%;
 the excess goes to the other layers in proportion to their ratios.
@@ -17,10 +21,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from intraslice.calibration import eigh_descending
-from intraslice.evaluate import backward_layer_by_layer, backward_mean_nll
+from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, backward_mean_nll
 from intraslice.heap import release_free_memory
 from intraslice.io import UserError
 from intraslice.modeling_intraslice import dense_head_dim
@@ -73,9 +78,11 @@ class FisherStats:
     neuron_grad: torch.Tensor       # [groups, L, I]: sum_t a_tj dL/da_tj at the down_proj input
 
 
-def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherStats:
-    """Forward and backward passes over `tokens` (LM loss), weights frozen, recording mask gradients
-    per group of `group_size` samples (the paper stabilises Fisher scores this way).
+def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str = "sampled",
+                      seed: int = 0) -> FisherStats:
+    """Forward and backward passes over `tokens`, weights frozen, recording mask gradients per group of
+    `group_size` samples (the paper stabilises Fisher scores this way). The loss is the mean NLL of
+    next tokens drawn from the model (`labels="sampled"`, seeded by `seed`) or of the text's own.
 
     One sample at a time, checkpointed by hand layer by layer (`backward_layer_by_layer`); the hooks
     take the statistics in the re-run of each layer with gradients."""
@@ -121,16 +128,31 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int) -> FisherSta
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(head_hook(index)))
         handles.append(layer.mlp.down_proj.register_forward_pre_hook(neuron_hook(index)))
     model.requires_grad_(False)
+    generator = torch.Generator().manual_seed(seed)
     try:
         for sample_index in tqdm(range(tokens.shape[0]), desc="allocation: gradients", unit="sample"):
             current["group"] = sample_index // group_size
             sample = tokens[sample_index:sample_index + 1]
-            backward_layer_by_layer(model, sample, lambda hidden: backward_mean_nll(model, hidden, sample))
+            backward_layer_by_layer(model, sample, (lambda hidden: backward_sampled_nll(model, hidden, generator))
+                                    if labels == "sampled" else (lambda hidden: backward_mean_nll(model, hidden, sample)))
             release_free_memory()
     finally:
         for handle in handles:
             handle.remove()
     return stats
+
+
+def backward_sampled_nll(model, hidden: torch.Tensor, generator: torch.Generator) -> None:
+    """Back-propagate the mean NLL of one next token per position [B, T], drawn from the model's own
+    prediction there (from its final normed hidden states `hidden`): the per-token gradients then have
+    mean zero, and their squares estimate the true Fisher information."""
+    count = hidden.shape[0] * hidden.shape[1]
+
+    def chunk_loss(h: torch.Tensor, span: slice) -> torch.Tensor:
+        logits = model.lm_head(h).float().flatten(0, 1)
+        drawn = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=generator).squeeze(1)
+        return F.cross_entropy(logits, drawn.to(logits.device), reduction="sum") / count
+    backward_in_chunks(hidden, chunk_loss)
 
 
 def unit_importance(stats: FisherStats, method: str, frac: int) -> torch.Tensor:

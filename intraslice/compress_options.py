@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from intraslice.io import UserError
 
 ALLOCATION_METHODS = ("global-pca", "global", "uniform")
+FISHER_LABELS = ("sampled", "text")  # Fisher scores: next tokens drawn from the model (true Fisher), or the text's
 SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
 MLP_SELECTIONS = ("score", "obs")  # MLP channels: the paper's score, or greedy elimination seeing the fold
 TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned output, or the dense model's
@@ -31,6 +32,7 @@ class CompressOptions:
     seq_len: int = 512
     seed: int = 0
     allocation_samples: int = 16
+    fisher_labels: str = "sampled"
     group_size: int = 4
     global_frac: int = 4
     attention_share: float | None = 0.0  # None: the paper's proportional split (see README's quality table)
@@ -58,6 +60,8 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--ratio {options.ratio} is out of range; it must be between 0 and {MAX_RATIO}")
     if options.allocation not in ALLOCATION_METHODS:
         raise UserError(f"--allocation {options.allocation!r}: choose one of {', '.join(ALLOCATION_METHODS)}")
+    if options.fisher_labels not in FISHER_LABELS:
+        raise UserError(f"--fisher-labels {options.fisher_labels!r}: choose one of {', '.join(FISHER_LABELS)}")
     if options.pop_skip not in (None, "auto") and not str(options.pop_skip).isdigit():
         raise UserError(f"--pop-skip {options.pop_skip!r}: give auto or a number of layers")
     if options.shape_selection not in SHAPE_SELECTIONS:

@@ -125,7 +125,7 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
         if needs_fisher:
             with log.stage("allocation"):
                 stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
-                                          options.group_size)
+                                          options.group_size, options.fisher_labels, options.seed)
         if needs_teacher:
             with log.stage("distillation targets"):
                 teacher = teacher_targets(dense, calibration[:samples_used(len(calibration), options.distill_steps)])
@@ -271,7 +271,8 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
         "perplexity": {"text": describe_source(options.calibration), "split": "evaluation",
                        "samples": options.eval_samples, "seq_len": options.seq_len,
                        "dense": dense_ppl, "pruned": pruned_ppl},
-        "allocation": {"method": options.allocation, "attention_ratio": budgets.attention_ratio,
+        "allocation": {"method": options.allocation, "fisher_labels": options.fisher_labels,
+                       "attention_ratio": budgets.attention_ratio,
                        "mlp_ratio": budgets.mlp_ratio},
         "distillation": None if distilled is None else {
             "steps": options.distill_steps, "lr": options.distill_lr, "rank": options.distill_rank,

@@ -69,12 +69,14 @@ def test_ratio_zero_reproduces_dense(tiny_model, tmp_path):
     assert (pruned - dense_logits(tiny_model, ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("ratio,allocation,generated", [(0.1, "global-pca", 0.5), (0.3, "uniform", 0.0),
-                                                         (0.5, "global", 1.0)])
-def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated):
+@pytest.mark.parametrize("ratio,allocation,generated,labels", [(0.1, "global-pca", 0.5, "sampled"),
+                                                                (0.3, "uniform", 0.0, "sampled"),
+                                                                (0.5, "global", 1.0, "text")])
+def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated, labels):
     report = compress(tiny_model, tmp_path / "out",
                       CompressOptions(ratio=ratio, allocation=allocation, attention_share=None, head_dims=(8, 16),
-                                      mlp_multiple=1, generated_fraction=generated, **{**FAST, "eval_samples": 0}))
+                                      mlp_multiple=1, generated_fraction=generated, fisher_labels=labels,
+                                      **{**FAST, "eval_samples": 0}))
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
 
 
