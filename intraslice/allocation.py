@@ -133,8 +133,13 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str 
         for sample_index in tqdm(range(tokens.shape[0]), desc="allocation: gradients", unit="sample"):
             current["group"] = sample_index // group_size
             sample = tokens[sample_index:sample_index + 1]
-            backward_layer_by_layer(model, sample, (lambda hidden: backward_sampled_nll(model, hidden, generator))
-                                    if labels == "sampled" else (lambda hidden: backward_mean_nll(model, hidden, sample)))
+
+            def backward_loss(hidden: torch.Tensor) -> None:
+                if labels == "sampled":
+                    backward_sampled_nll(model, hidden, generator)
+                else:
+                    backward_mean_nll(model, hidden, sample)
+            backward_layer_by_layer(model, sample, backward_loss)
             release_free_memory()
     finally:
         for handle in handles:
