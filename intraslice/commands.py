@@ -74,8 +74,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"calibration samples used for the Fisher scores (default: {defaults.allocation_samples})")
     p.add_argument("--fisher-labels", choices=FISHER_LABELS, default=defaults.fisher_labels,
                    help="next tokens whose log-likelihood gradients make the Fisher scores: drawn from the dense "
-                        "model's own predictions (sampled, the true Fisher; kept the other domain 2-3%% better in "
-                        "the README's runs) or the calibration text's (text, the paper's empirical Fisher) "
+                        "model's own predictions (sampled, the true Fisher; the other domain 1.2%% better on "
+                        "average in the README's paired runs) or the calibration text's (text, the paper's "
+                        "empirical Fisher) "
                         f"(default: {defaults.fisher_labels})")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
                    help=f"samples whose gradients are summed before squaring (default: {defaults.group_size})")
