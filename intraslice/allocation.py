@@ -78,8 +78,7 @@ class FisherStats:
     neuron_grad: torch.Tensor       # [groups, L, I]: sum_t a_tj dL/da_tj at the down_proj input
 
 
-def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str = "sampled",
-                      seed: int = 0) -> FisherStats:
+def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str, seed: int = 0) -> FisherStats:
     """Forward and backward passes over `tokens`, weights frozen, recording mask gradients per group of
     `group_size` samples (the paper stabilises Fisher scores this way). The loss is the mean NLL of
     next tokens drawn from the model (`labels="sampled"`, seeded by `seed`) or of the text's own.
