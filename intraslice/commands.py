@@ -87,7 +87,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the removed weights taken from attention, the MLPs giving the rest; "
                         "proportional: both lose R, as in the paper. On the example model any attention share "
                         "cost quality (README), so attention is kept by default; larger models may differ "
-                        f"(default: {'proportional' if defaults.attention_share is None else f'{defaults.attention_share:g}'})")
+                        f"(default: {format_attention_share(defaults.attention_share)})")
     p.add_argument("--head-dims", type=int, nargs="+", default=list(VLLM_HEAD_DIMS),
                    help="allowed per-layer head dims (default: vLLM's CPU attention sizes "
                         f"{' '.join(map(str, VLLM_HEAD_DIMS))}; e.g. add 48)")
@@ -140,6 +140,11 @@ def attention_share(value: str) -> float | None:
         return float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1] or proportional, got {value!r}") from None
+
+
+def format_attention_share(share: float | None) -> str:
+    """The inverse of `attention_share`, for help texts."""
+    return "proportional" if share is None else f"{share:g}"
 
 
 def add_eval(sub: argparse._SubParsersAction) -> None:

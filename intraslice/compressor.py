@@ -68,15 +68,18 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     if config.intermediate_size % options.mlp_multiple:
         raise UserError(f"--mlp-multiple {options.mlp_multiple} does not divide the dense MLP width "
                         f"{config.intermediate_size}")
+    if options.pop_skip not in (None, "auto") and int(options.pop_skip) >= config.num_hidden_layers:
+        raise UserError(f"--pop-skip {options.pop_skip}: must be auto or a number of layers in "
+                        f"0..{config.num_hidden_layers - 1}")
     split_removal(config, options.ratio, options.attention_share)  # an impossible split fails before the work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
     calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(model_dir, config, tokenizer,
                                                                                   options, log)
+    source_config = json.loads((model_dir / "config.json").read_text())
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
-    source_config = json.loads((model_dir / "config.json").read_text())
-    model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
+        model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
     distilled = None
     if teacher is not None:
         with log.stage("distillation"):
@@ -84,7 +87,10 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
                                 options.distill_lr, options.distill_rank, options.seed)
     with log.stage("evaluation"):
         pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
-    pop_skip = choose_pop_skip(model, tokenizer, options) if options.pop_skip else []
+    pop_skip = []
+    if options.pop_skip:
+        with log.stage("POP analysis"):
+            pop_skip = choose_pop_skip(model, tokenizer, options)
     dtype = weights.get("model.embed_tokens.weight").dtype
     report = build_report(config, dims, budgets, options, log, dense_ppl, pruned_ppl, pop_skip, dtype, distilled)
     with log.stage("export"), atomic_output_dir(out_dir, options.overwrite) as tmp:
@@ -230,13 +236,11 @@ def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: Compr
     """`--pop-skip auto|N`: the prefill-only skip set from the POP analysis (intraslice.pop)."""
     from intraslice import pop
 
-    layers = model.config.num_hidden_layers
     if options.pop_skip == "auto":
         return pop.choose_skip_set(model, tokenizer=tokenizer, text=options.calibration)
-    count = int(options.pop_skip)
-    if not 0 <= count < layers:
-        raise UserError(f"--pop-skip {count}: must be auto or a number of layers in 0..{layers - 1}")
-    return pop.choose_skip_set(model, count / layers, tokenizer=tokenizer, text=options.calibration) if count else []
+    count = int(options.pop_skip)  # checked against the layer count by `compress`
+    fraction = count / model.config.num_hidden_layers
+    return pop.choose_skip_set(model, fraction, tokenizer=tokenizer, text=options.calibration) if count else []
 
 
 def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: CompressOptions, log: StageLog,

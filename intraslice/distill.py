@@ -131,7 +131,11 @@ def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
     kl_before = mean_kl(model, samples, targets, check)
     updates = LowRankUpdates(model, rank, torch.Generator().manual_seed(seed))
     optimizer = torch.optim.AdamW(updates.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / steps)))
+
+    def cosine(step: int) -> float:  # max(): with steps = 0 nothing trains, but the schedule is still built
+        return 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
     try:
         for step in (bar := tqdm(range(steps), desc="distillation: steps", unit="step")):
             index = step % len(samples)

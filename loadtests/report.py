@@ -2,7 +2,8 @@
 step), report.md (the table a person reads), PNG plots, the prompts sent and the logs of started servers.
 
 Ratios compare each target with the baseline, the first target that has figures (normally the dense
-model), on the same step: value / baseline value, so below 1 is faster for latencies and above 1 is better for throughput.
+model), on the same step: value / baseline value, so below 1 is faster for latencies and above 1 is
+better for throughput.
 The folder appears whole or not at all (`atomic_output_dir`); a run that missed anything says so in
 `complete`, `partial_reasons` and a banner at the top of report.md.
 """

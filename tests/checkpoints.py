@@ -57,7 +57,8 @@ def write_tiny_llama(out: Path, tokenizer_source: Path, *, num_heads: int, num_k
         if name.endswith("norm.weight"):
             tensors[name] = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
         else:
-            tensors[name] = torch.randn(param.shape, generator=generator) * (0.5 if "embed" in name or "lm_head" in name else 0.15)
+            scale = 0.5 if "embed" in name or "lm_head" in name else 0.15
+            tensors[name] = torch.randn(param.shape, generator=generator) * scale
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, out / "model.safetensors")
     config.save_pretrained(out)

@@ -268,6 +268,7 @@ def test_export_reload_round_trip(tiny_model, tmp_path):
     report = compress(tiny_model, out, CompressOptions(ratio=0.4, head_dims=(8, 16), pop_skip="1", **FAST))
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["IntraSliceLlamaForCausalLM"] and len(config["pop_skip_layers"]) == 1
+    assert {"compression", "POP analysis", "export"} <= report["stages"].keys()
     assert config["num_attention_heads"] == json.loads((tiny_model / "config.json").read_text())["num_attention_heads"]
     assert [layer["head_dim"] for layer in config["intraslice_layers"]] == [d["head_dim"] for d in report["layers"]]
     for name in ("modeling_intraslice.py", "tokenizer.json", "intraslice_report.json", "model.safetensors"):
@@ -319,6 +320,7 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                             "--attention-share"),
         "impossible split": ([str(model), str(root / "out"), "--ratio", "0.9", "--attention-share", "0"],
                              "at most 80%"),
+        "POP skip count": ([str(model), str(root / "out"), "--ratio", "0.2", "--pop-skip", "99"], "--pop-skip 99"),
         "existing output": ([str(model), str(existing), "--ratio", "0.2"], "--overwrite"),
         "truncated": ([str(truncated), str(root / "out"), "--ratio", "0.2"], "safetensors"),
         "corrupt": ([str(corrupt), str(root / "out"), "--ratio", "0.2"], "safetensors"),

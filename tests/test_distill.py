@@ -108,6 +108,8 @@ def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa):
                 module.weight.add_(torch.randn(module.weight.shape, generator=noise) * 0.02)
     shapes = {name: p.shape for name, p in student.named_parameters()}
     before = {name: p.clone() for name, p in student.named_parameters()}
+    idle = distill(student, samples, targets, steps=0, lr=3e-3, rank=4, seed=0)
+    assert not idle.kept and idle.kl_after == idle.kl_before  # nothing trained, nothing merged
     diverged = distill(student, samples, targets, steps=8, lr=1.0, rank=4, seed=0)
     assert not diverged.kept and diverged.kl_after > diverged.kl_before
     assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())  # dropped
