@@ -320,7 +320,9 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                             "--attention-share"),
         "impossible split": ([str(model), str(root / "out"), "--ratio", "0.9", "--attention-share", "0"],
                              "at most 80%"),
-        "POP skip count": ([str(model), str(root / "out"), "--ratio", "0.2", "--pop-skip", "99"], "--pop-skip 99"),
+        # checked before the work: were it checked after, the calibration's "too little" would come first
+        "POP skip count": ([str(model), str(root / "out"), "--ratio", "0.2", "--pop-skip", "99", "--samples", "5000",
+                            "--generated-fraction", "0"], "--pop-skip 99"),
         "existing output": ([str(model), str(existing), "--ratio", "0.2"], "--overwrite"),
         "truncated": ([str(truncated), str(root / "out"), "--ratio", "0.2"], "safetensors"),
         "corrupt": ([str(corrupt), str(root / "out"), "--ratio", "0.2"], "safetensors"),
