@@ -2,9 +2,12 @@
 layer's weights live in the checkpoint, and how to read them one layer at a time.
 
 Supported: the Llama family as transformers writes it (`LlamaForCausalLM`: Llama 2/3/3.x including
-Llama-3 rope scaling, SmolLM/SmolLM2, TinyLlama, ...) and `MistralForCausalLM` without sliding-window
-attention (then it is a Llama). Projections `q/k/v/o_proj`, `gate/up/down_proj`, RMSNorms
-`input_layernorm`/`post_attention_layernorm`, RoPE in the rotate-half layout (dim j pairs with j + d/2).
+Llama-3 rope scaling, SmolLM/SmolLM2, TinyLlama, ...), `MistralForCausalLM` without sliding-window
+attention (then it is a Llama), and `Phi3ForCausalLM` (Phi-3 and Phi-4 without LongRoPE or partial
+rotary: a Llama whose q/k/v and gate/up projections are stored fused). Projections `q/k/v/o_proj`,
+`gate/up/down_proj`, RMSNorms `input_layernorm`/`post_attention_layernorm`, RoPE in the rotate-half layout
+(dim j pairs with j + d/2). Everything downstream reads the Llama layout: `CheckpointWeights` splits fused
+tensors on read. Phi-3's `sliding_window` is dropped, as vLLM serves Phi-3: full attention.
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from transformers import LlamaConfig
 
 from intraslice.io import UserError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM (without sliding window)")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM (without sliding window)",
+                           "Phi3ForCausalLM (without LongRoPE or partial rotary)")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -41,25 +45,51 @@ def load_llama_config(model_dir: str | Path, allow_pruned: bool = False) -> Llam
     architectures = raw.get("architectures") or []
     arch = architectures[0] if architectures else raw.get("model_type", "unknown")
     pruned = arch == "IntraSliceLlamaForCausalLM"
-    supported = arch == "LlamaForCausalLM" or (arch == "MistralForCausalLM" and raw.get("sliding_window") is None)
+    supported = (arch in ("LlamaForCausalLM", "Phi3ForCausalLM")
+                 or (arch == "MistralForCausalLM" and raw.get("sliding_window") is None))
     if pruned and not allow_pruned:
         raise UserError(f"{model_dir} is already an IntraSlice checkpoint; compress the dense source model instead")
     if not (supported or pruned):
         raise UserError(f"unsupported architecture {arch} in {model_dir}; supported: "
                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
-    raw = {key: value for key, value in raw.items() if key not in ("model_type", "sliding_window")}
-    return LlamaConfig(**raw)
+    config = llama_config(raw)
+    rope = config.rope_parameters
+    if rope["rope_type"] == "longrope":  # its frequencies switch with the sequence length: no static table
+        raise UserError(f"{model_dir} uses LongRoPE scaling, which is not supported (its 4k-context variants are)")
+    if rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)) != 1.0:
+        raise UserError(f"{model_dir} rotates only part of each head (partial_rotary_factor), which is not supported")
+    return config
+
+
+def llama_config(raw: dict) -> LlamaConfig:
+    """A config.json's fields (dense, pruned, or of a supported family) as the reference model's config."""
+    return LlamaConfig(**{key: value for key, value in raw.items() if key not in ("model_type", "sliding_window")})
+
+
+# Phi-3 stores these projections fused; the Llama names of the parts, in their order along dim 0
+FUSED_PROJECTIONS = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                                  "self_attn.v_proj.weight"),
+                     "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+
+
+def fused_part_rows(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """Rows of each part of the fused projections of a dense layer."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_rows = config.num_key_value_heads * head_dim
+    return {"self_attn.qkv_proj.weight": (config.num_attention_heads * head_dim, kv_rows, kv_rows),
+            "mlp.gate_up_proj.weight": (config.intermediate_size,) * 2}
 
 
 class CheckpointWeights:
     """Tensors of a safetensors checkpoint (single file or sharded), read by name on demand, so that
-    only the tensors in use are resident. Corrupt or truncated files are refused when opened.
+    only the tensors in use are resident. Corrupt or truncated files are refused when opened. Fused
+    projections (Phi-3) are seen under their Llama names, split on read (`config` gives the sizes).
 
     Every read opens its file anew: a safetensors handle maps the whole file, and the pages a read
     touches stay resident as long as the handle lives (reading a model layer by layer through one
     handle grew the compressor's memory by the model's size)."""
 
-    def __init__(self, model_dir: str | Path):
+    def __init__(self, model_dir: str | Path, config: LlamaConfig | None = None):
         path = Path(model_dir)
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -74,9 +104,25 @@ class CheckpointWeights:
                 if files is None:
                     files = {name: file for name in handle.keys()}
         self.files = files
+        self.parts: dict[str, tuple[str, int, int]] = {}  # Llama name -> (fused name, first row, end row)
+        for name in files:
+            fused = next((key for key in FUSED_PROJECTIONS if name.endswith("." + key)), None)
+            if fused is None:
+                continue
+            if config is None:
+                raise ValueError(f"{name} is fused: CheckpointWeights needs the model's config to split it")
+            prefix, start = name[:-len(fused)], 0
+            for part, rows in zip(FUSED_PROJECTIONS[fused], fused_part_rows(config)[fused]):
+                self.parts[prefix + part] = (name, start, start + rows)
+                start += rows
+            with open_checked(files[name]) as handle:  # the header alone: no tensor data is read
+                stored_rows = handle.get_slice(name).get_shape()[0]
+            if stored_rows != start:
+                raise UserError(f"{name} has {stored_rows} rows; the config implies {start}")
 
     def names(self) -> list[str]:
-        return list(self.files)
+        fused = {name for name, _, _ in self.parts.values()}
+        return [name for name in self.files if name not in fused] + list(self.parts)
 
     def get(self, name: str) -> torch.Tensor:
         return self.read([name])[name]
@@ -84,14 +130,23 @@ class CheckpointWeights:
     def layer(self, index: int) -> dict[str, torch.Tensor]:
         """The tensors of decoder layer `index`, named relative to the layer."""
         prefix = layer_prefix(index)
-        tensors = self.read([name for name in self.files if name.startswith(prefix)])
+        tensors = self.read([name for name in self.names() if name.startswith(prefix)])
         return {name[len(prefix):]: tensor for name, tensor in tensors.items()}
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, each file opened once."""
-        missing = [name for name in names if name not in self.files]
+        """The named tensors, each file opened once (a fused tensor read once for all its parts)."""
+        stored = list(dict.fromkeys(self.parts[name][0] if name in self.parts else name for name in names))
+        missing = [name for name in stored if name not in self.files]
         if missing:
             raise UserError(f"checkpoint has no tensor {missing[0]}")
+        tensors = self.read_stored(stored)
+        for name in names:
+            if name in self.parts:
+                fused, start, end = self.parts[name]
+                tensors[name] = tensors[fused][start:end].clone()  # its own storage: saved and freed alone
+        return {name: tensors[name] for name in names}
+
+    def read_stored(self, names: list[str]) -> dict[str, torch.Tensor]:
         by_file: dict[Path, list[str]] = {}
         for name in names:
             by_file.setdefault(self.files[name], []).append(name)

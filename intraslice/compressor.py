@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from intraslice.adapters import CheckpointWeights, layer_prefix, load_llama_config
+from intraslice.adapters import CheckpointWeights, layer_prefix, llama_config, load_llama_config
 from intraslice.allocation import (LayerBudgets, allocate, attention_params, decoder_layer_params,
                                    dense_module_params, fisher_statistics, mlp_params, split_removal)
 from intraslice.calibration import embed_batches, positions_for
@@ -34,13 +34,13 @@ from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
 from intraslice.data import describe_source, load_token_samples
 from intraslice.distill import DistillResult, TeacherTargets, distill, samples_used, teacher_targets
-from intraslice.evaluate import perplexity
+from intraslice.evaluate import assemble_model, perplexity
 from intraslice.export import pruned_config, write_checkpoint
 from intraslice.generated import sample_token_windows
 from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
-from intraslice.modeling_intraslice import (Attention, DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims,
-                                            dense_layer_dims)
+from intraslice.modeling_intraslice import DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims, dense_layer_dims
+
 
 class StageLog:
     """Wall time and peak RSS of each stage, for the report."""
@@ -63,7 +63,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     validate(options)
     model_dir = Path(model_dir)
     config = load_llama_config(model_dir)
-    weights = CheckpointWeights(model_dir)
+    weights = CheckpointWeights(model_dir, config)
     check_output_dir(out_dir, options.overwrite)
     if config.intermediate_size % options.mlp_multiple:
         raise UserError(f"--mlp-multiple {options.mlp_multiple} does not divide the dense MLP width "
@@ -74,12 +74,12 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     split_removal(config, options.ratio, options.attention_share)  # an impossible split fails before the work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
-    calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(model_dir, config, tokenizer,
+    calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(config, weights, tokenizer,
                                                                                   options, log)
     source_config = json.loads((model_dir / "config.json").read_text())
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
-        model = build_model(pruned_config(source_config, dims, []), weights, tensors, options.device)
+        model = assemble_model(llama_config(pruned_config(source_config, dims, [])), weights, tensors, options.device)
     distilled = None
     if teacher is not None:
         with log.stage("distillation"):
@@ -100,7 +100,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     return report
 
 
-def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: CompressOptions, log: StageLog
+def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, options: CompressOptions, log: StageLog
                            ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None,
                                       TeacherTargets | None]:
     """Calibration samples (text windows, plus samples drawn from the dense model), held-out
@@ -118,8 +118,7 @@ def calibrate_and_allocate(model_dir: Path, config, tokenizer, options: Compress
     needs_fisher = options.allocation != "uniform" and options.ratio > 0
     needs_teacher = options.distill_steps > 0 and options.ratio > 0
     if generated or needs_fisher or needs_teacher or evaluation is not None:
-        dense = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
-        dense = dense.to(options.device).eval()
+        dense = assemble_model(config, weights, device=options.device)
         if generated:
             with log.stage("calibration data (generated)"):
                 calibration = interleave(calibration, sample_token_windows(
@@ -208,28 +207,6 @@ def dense_output(attention, x: torch.Tensor) -> torch.Tensor:
 
 def bias(linear: torch.nn.Linear) -> torch.Tensor | float:
     return 0.0 if linear.bias is None else linear.bias
-
-
-def build_model(config: dict, weights: CheckpointWeights, layer_tensors: dict[str, torch.Tensor],
-                device: str) -> IntraSliceLlamaForCausalLM:
-    """The pruned model in memory (float32): compressed layers plus the source's embeddings, norm, head."""
-    from transformers import LlamaConfig
-
-    llama_config = LlamaConfig(**{k: v for k, v in config.items() if k != "model_type"})
-    with torch.device("meta"):  # weights of its own would be a second, randomly initialised model
-        model = IntraSliceLlamaForCausalLM(llama_config)
-    state = dict(layer_tensors)
-    for name in weights.names():
-        if not name.startswith("model.layers."):
-            state[name] = weights.get(name).float()
-    if llama_config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"]
-    model.load_state_dict(state, assign=True)  # the compressed layers' own tensors: no second copy
-    for module in model.modules():
-        if isinstance(module, Attention):  # the rotary table is a buffer, not in the state
-            module.inv_freq = torch.empty(module.inv_freq.shape)
-            module.reset_rope()
-    return model.to(device).eval()
 
 
 def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: CompressOptions) -> list[int]:

@@ -1,4 +1,4 @@
-"""Perplexity of any checkpoint (dense Llama or IntraSlice) with the reference model."""
+"""Perplexity of any checkpoint (dense Llama-family or IntraSlice) with the reference model."""
 from __future__ import annotations
 
 import math
@@ -9,16 +9,41 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from intraslice.adapters import CheckpointWeights, load_llama_config
+from transformers import LlamaConfig
+
+from intraslice.adapters import CheckpointWeights, layer_prefix, load_llama_config
 from intraslice.calibration import positions_for
-from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
+from intraslice.modeling_intraslice import Attention, IntraSliceLlamaForCausalLM
 
 
 def load_reference_model(model_dir: str | Path, device: str = "cpu") -> IntraSliceLlamaForCausalLM:
     """A dense or pruned checkpoint in the reference model, float32, after checking its files."""
     config = load_llama_config(model_dir, allow_pruned=True)
-    CheckpointWeights(model_dir)  # refuses corrupt or truncated safetensors with a one-line error
-    model = IntraSliceLlamaForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32)
+    return assemble_model(config, CheckpointWeights(model_dir, config), device=device)
+
+
+def assemble_model(config: LlamaConfig, weights: CheckpointWeights,
+                   layer_tensors: dict[str, torch.Tensor] | None = None,
+                   device: str = "cpu") -> IntraSliceLlamaForCausalLM:
+    """The reference model (float32, eval mode) for `config` with the tensors of `weights`, read in the
+    Llama layout whatever the checkpoint's (fused projections split), or with `layer_tensors` (the
+    compressor's pruned layers) in place of its decoder layers."""
+    with torch.device("meta"):  # weights of its own would be a second, randomly initialised model
+        model = IntraSliceLlamaForCausalLM(config)
+    if layer_tensors is None:
+        layer_tensors = {layer_prefix(index) + name: tensor.float() for index in range(config.num_hidden_layers)
+                         for name, tensor in weights.layer(index).items()}
+    state = dict(layer_tensors)
+    for name in weights.names():
+        if not name.startswith("model.layers."):
+            state[name] = weights.get(name).float()
+    if config.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)  # the given tensors themselves: no second copy
+    for module in model.modules():
+        if isinstance(module, Attention):  # the rotary table is a buffer, not in the state
+            module.inv_freq = torch.empty(module.inv_freq.shape)
+            module.reset_rope()
     return model.to(device).eval()
 
 
