@@ -41,8 +41,7 @@ def copy_tokenizer(source: Path, out: Path) -> None:
 
 def write_tiny_llama(out: Path, tokenizer_source: Path, *, num_heads: int, num_kv_heads: int,
                      num_layers: int = 3, seed: int = 0) -> Path:
-    """A random dense Llama (hidden 128, head_dim 64) that uses `tokenizer_source`'s tokenizer.
-    Weights are drawn with a large std so that next-token distributions are peaked (no greedy ties)."""
+    """A random dense Llama (hidden 128, head_dim 64) that uses `tokenizer_source`'s tokenizer."""
     base = json.loads((tokenizer_source / "config.json").read_text())
     config = LlamaConfig(
         vocab_size=base["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=num_layers,
@@ -50,8 +49,29 @@ def write_tiny_llama(out: Path, tokenizer_source: Path, *, num_heads: int, num_k
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, tie_word_embeddings=False,
         bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
         pad_token_id=base.get("pad_token_id"), architectures=["LlamaForCausalLM"], dtype="float32")
+    return write_random(out, tokenizer_source, config, reference.IntraSliceLlamaForCausalLM(config), seed)
+
+
+def write_tiny_phi3(out: Path, tokenizer_source: Path, seed: int = 0) -> Path:
+    """A random dense Phi-3 (hidden 128, 4 query and 2 KV heads of 32 dims; fused qkv_proj and
+    gate_up_proj) that uses `tokenizer_source`'s tokenizer."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    base = json.loads((tokenizer_source / "config.json").read_text())
+    config = Phi3Config(
+        vocab_size=base["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
+        bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
+        pad_token_id=base.get("pad_token_id"), architectures=["Phi3ForCausalLM"], dtype="float32")
+    with torch.device("meta"):
+        model = Phi3ForCausalLM(config)
+    return write_random(out, tokenizer_source, config, model, seed)
+
+
+def write_random(out: Path, tokenizer_source: Path, config, model: torch.nn.Module, seed: int) -> Path:
+    """`model`'s tensors drawn with a large std, so that next-token distributions are peaked (no greedy
+    ties), saved with `config` and `tokenizer_source`'s tokenizer."""
     generator = torch.Generator().manual_seed(seed)
-    model = reference.IntraSliceLlamaForCausalLM(config)
     tensors = {}
     for name, param in model.state_dict().items():
         if name.endswith("norm.weight"):

@@ -18,11 +18,12 @@ from openai import OpenAI
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from checkpoints import (Shape, cached_checkpoint, decoder_params, write_sliced,
-                         write_tiny_llama)
+from checkpoints import Shape, cached_checkpoint, decoder_params, write_sliced, write_tiny_llama, write_tiny_phi3
 from compare import (assert_same_greedy, load_reference, reference_greedy, served_greedy,
                      served_greedy_concurrent)
 from conftest import CACHE
+from intraslice.compress_options import CompressOptions
+from intraslice.compressor import compress
 from serving.server import ServerError, VllmServer
 
 MAX_TOKENS = 12
@@ -158,8 +159,9 @@ TINY_SHAPES = [Shape(4, 2, 64, 256), Shape(2, 1, 32, 128), Shape(4, 2, 48, 192)]
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(example_model_dir) -> dict[str, Path]:
-    """Sliced tiny random models: MHA (4/4 heads) and GQA (4/2 heads), head_dim 64."""
+def tiny_dirs(example_model_dir, tmp_path_factory) -> dict[str, Path]:
+    """Sliced tiny random models: MHA (4/4 heads) and GQA (4/2 heads), head_dim 64; and a tiny random
+    Phi-3 (fused projections) pruned by the compressor itself, attention included."""
     def build(num_kv_heads: int, shapes: list[Shape]):
         def write(out: Path) -> None:
             dense = write_tiny_llama(out / "dense", example_model_dir, num_heads=4, num_kv_heads=num_kv_heads)
@@ -167,11 +169,15 @@ def tiny_dirs(example_model_dir) -> dict[str, Path]:
         return cached_checkpoint(CACHE, f"test-tiny-{num_kv_heads}kv", write) / "pruned"
 
     mha_shapes = [Shape(4, 4, 64, 256), Shape(2, 2, 32, 128), Shape(3, 3, 48, 192)]
-    return {"mha": build(4, mha_shapes), "gqa": build(2, TINY_SHAPES)}
+    phi3 = tmp_path_factory.mktemp("phi3")
+    compress(write_tiny_phi3(phi3 / "dense", example_model_dir), phi3 / "pruned", CompressOptions(
+        ratio=0.3, attention_share=None, head_dims=(32,), samples=4, seq_len=64, allocation_samples=4, group_size=2,
+        eval_samples=0, distill_steps=2))
+    return {"mha": build(4, mha_shapes), "gqa": build(2, TINY_SHAPES), "phi3": phi3 / "pruned"}
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["mha", "gqa"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "phi3"])
 def test_tiny_random_pruned_equals_reference(vllm_server, tiny_dirs, prompts, kind):
     model = load_reference(tiny_dirs[kind])
     client = client_of(vllm_server(tiny_dirs[kind], EAGER, *CHUNKED))
