@@ -3,10 +3,12 @@ layer's weights live in the checkpoint, and how to read them one layer at a time
 
 Supported: the Llama family as transformers writes it (`LlamaForCausalLM`: Llama 2/3/3.x including
 Llama-3 rope scaling, SmolLM/SmolLM2, TinyLlama, ...), `MistralForCausalLM` without sliding-window
-attention (then it is a Llama), and `Phi3ForCausalLM` (Phi-3 and Phi-4 without LongRoPE or partial
-rotary: a Llama whose q/k/v and gate/up projections are stored fused). Projections `q/k/v/o_proj`,
-`gate/up/down_proj`, RMSNorms `input_layernorm`/`post_attention_layernorm`, RoPE in the rotate-half layout
-(dim j pairs with j + d/2). Everything downstream reads the Llama layout: `CheckpointWeights` splits fused
+attention (then it is a Llama), `Phi3ForCausalLM` (Phi-3 and Phi-4 without LongRoPE or partial rotary:
+a Llama whose q/k/v and gate/up projections are stored fused), and `Qwen2ForCausalLM` without sliding
+windows (a Llama with q/k/v biases and no o_proj bias). Projections `q/k/v/o_proj`, `gate/up/down_proj`,
+RMSNorms `input_layernorm`/`post_attention_layernorm`, RoPE in the rotate-half layout (dim j pairs with
+j + d/2). Everything downstream reads the Llama layout: `llama_layout` rewrites a family's config (Qwen2's
+biases become `qkv_bias`, the key vLLM's Llama reads for them) and `CheckpointWeights` splits fused
 tensors on read. Phi-3's `sliding_window` is dropped, as vLLM serves Phi-3: full attention.
 """
 from __future__ import annotations
@@ -19,9 +21,11 @@ from safetensors import SafetensorError, safe_open
 from transformers import LlamaConfig
 
 from intraslice.io import UserError
+from intraslice.modeling_intraslice import dense_head_dim
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM (without sliding window)",
-                           "Phi3ForCausalLM (without LongRoPE or partial rotary)")
+                           "Phi3ForCausalLM (without LongRoPE or partial rotary)",
+                           "Qwen2ForCausalLM (without sliding window)")
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -46,7 +50,8 @@ def load_llama_config(model_dir: str | Path, allow_pruned: bool = False) -> Llam
     arch = architectures[0] if architectures else raw.get("model_type", "unknown")
     pruned = arch == "IntraSliceLlamaForCausalLM"
     supported = (arch in ("LlamaForCausalLM", "Phi3ForCausalLM")
-                 or (arch == "MistralForCausalLM" and raw.get("sliding_window") is None))
+                 or (arch == "MistralForCausalLM" and raw.get("sliding_window") is None)
+                 or (arch == "Qwen2ForCausalLM" and not raw.get("use_sliding_window")))
     if pruned and not allow_pruned:
         raise UserError(f"{model_dir} is already an IntraSlice checkpoint; compress the dense source model instead")
     if not (supported or pruned):
@@ -61,9 +66,19 @@ def load_llama_config(model_dir: str | Path, allow_pruned: bool = False) -> Llam
     return config
 
 
+def llama_layout(raw: dict) -> dict:
+    """A config.json's fields (dense, pruned, or of a supported family) in the Llama layout: what the
+    reference model reads, and what a pruned checkpoint's config starts from."""
+    layout = {key: value for key, value in raw.items()
+              if key not in ("model_type", "sliding_window", "use_sliding_window", "max_window_layers", "layer_types")}
+    if "Qwen2ForCausalLM" in (raw.get("architectures") or []):
+        layout.update(attention_bias=False, qkv_bias=True)
+    return layout
+
+
 def llama_config(raw: dict) -> LlamaConfig:
-    """A config.json's fields (dense, pruned, or of a supported family) as the reference model's config."""
-    return LlamaConfig(**{key: value for key, value in raw.items() if key not in ("model_type", "sliding_window")})
+    """A config.json's fields as the reference model's config."""
+    return LlamaConfig(**llama_layout(raw))
 
 
 # Phi-3 stores these projections fused; the Llama names of the parts, in their order along dim 0
@@ -74,7 +89,7 @@ FUSED_PROJECTIONS = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "s
 
 def fused_part_rows(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Rows of each part of the fused projections of a dense layer."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = dense_head_dim(config)
     kv_rows = config.num_key_value_heads * head_dim
     return {"self_attn.qkv_proj.weight": (config.num_attention_heads * head_dim, kv_rows, kv_rows),
             "mlp.gate_up_proj.weight": (config.intermediate_size,) * 2}

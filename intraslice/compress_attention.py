@@ -261,5 +261,6 @@ def compress_attention(attn: Attention, inputs: list[torch.Tensor], budget: floa
         new.k_proj.bias.copy_(attn.k_proj.bias[k_rows])
         new.v_proj.bias.copy_(torch.cat([bases[i].T @ attn.v_proj.bias.double()[g * dh:(g + 1) * dh]
                                          for i, g in enumerate(shape.kv_groups)]))
+    if attn.o_proj.bias is not None:
         new.o_proj.bias.copy_(attn.o_proj.bias)
     return new.to(attn.o_proj.weight.device)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from intraslice.adapters import CheckpointWeights, layer_prefix, llama_config, load_llama_config
+from intraslice.adapters import CheckpointWeights, layer_prefix, llama_config, llama_layout, load_llama_config
 from intraslice.allocation import (LayerBudgets, allocate, attention_params, decoder_layer_params,
                                    dense_module_params, fisher_statistics, mlp_params, split_removal)
 from intraslice.calibration import embed_batches, positions_for
@@ -76,7 +76,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     log = StageLog()
     calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(config, weights, tokenizer,
                                                                                   options, log)
-    source_config = json.loads((model_dir / "config.json").read_text())
+    source_config = llama_layout(json.loads((model_dir / "config.json").read_text()))
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
         model = assemble_model(llama_config(pruned_config(source_config, dims, [])), weights, tensors, options.device)

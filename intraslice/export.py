@@ -21,8 +21,9 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "s
 
 
 def pruned_config(source_config: dict, dims: list[LayerDims], pop_skip: list[int]) -> dict:
-    """The source config with the dense global fields untouched, plus the per-layer entries."""
-    config = {key: value for key, value in source_config.items() if key not in ("auto_map", "sliding_window")}
+    """The source config (in the Llama layout, `adapters.llama_layout`) with the dense global fields
+    untouched, plus the per-layer entries."""
+    config = {key: value for key, value in source_config.items() if key != "auto_map"}
     config.update(model_type="llama", architectures=[ARCHITECTURE], auto_map=AUTO_MAP,
                   intraslice_layers=[d.to_json() for d in dims], pop_skip_layers=list(pop_skip))
     return config

@@ -155,9 +155,10 @@ class Attention(nn.Module):
         self.config = config
         self.dims = dims
         bias = getattr(config, "attention_bias", False)
-        self.q_proj = nn.Linear(config.hidden_size, dims.num_heads * dims.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=bias)
+        qkv_bias = getattr(config, "qkv_bias", bias)  # vLLM's Llama reads it too: Qwen2's q/k/v biases
+        self.q_proj = nn.Linear(config.hidden_size, dims.num_heads * dims.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dims.num_heads * dims.head_dim, config.hidden_size, bias=bias)
         self.register_buffer("inv_freq", torch.empty(dims.num_kv_heads, dims.head_dim // 2), persistent=False)
         self.reset_rope()

@@ -52,19 +52,22 @@ def write_tiny_llama(out: Path, tokenizer_source: Path, *, num_heads: int, num_k
     return write_random(out, tokenizer_source, config, reference.IntraSliceLlamaForCausalLM(config), seed)
 
 
-def write_tiny_phi3(out: Path, tokenizer_source: Path, seed: int = 0) -> Path:
-    """A random dense Phi-3 (hidden 128, 4 query and 2 KV heads of 32 dims; fused qkv_proj and
-    gate_up_proj) that uses `tokenizer_source`'s tokenizer."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+def write_tiny_family(out: Path, tokenizer_source: Path, family: str, seed: int = 0) -> Path:
+    """A random dense Phi-3 (fused qkv_proj and gate_up_proj) or Qwen2 (q/k/v biases, tied head): hidden
+    128, 4 query and 2 KV heads of 32 dims, with `tokenizer_source`'s tokenizer."""
+    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    config_class, model_class, architecture = {"phi3": (Phi3Config, Phi3ForCausalLM, "Phi3ForCausalLM"),
+                                               "qwen2": (Qwen2Config, Qwen2ForCausalLM, "Qwen2ForCausalLM")}[family]
     base = json.loads((tokenizer_source / "config.json").read_text())
-    config = Phi3Config(
+    config = config_class(
         vocab_size=base["vocab_size"], hidden_size=128, intermediate_size=256, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=False,
-        bos_token_id=base.get("bos_token_id"), eos_token_id=base.get("eos_token_id"),
-        pad_token_id=base.get("pad_token_id"), architectures=["Phi3ForCausalLM"], dtype="float32")
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        tie_word_embeddings=family == "qwen2", bos_token_id=base.get("bos_token_id"),
+        eos_token_id=base.get("eos_token_id"), pad_token_id=base.get("pad_token_id"), architectures=[architecture],
+        dtype="float32")
     with torch.device("meta"):
-        model = Phi3ForCausalLM(config)
+        model = model_class(config)
     return write_random(out, tokenizer_source, config, model, seed)
 
 
@@ -74,6 +77,8 @@ def write_random(out: Path, tokenizer_source: Path, config, model: torch.nn.Modu
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, param in model.state_dict().items():
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
         if name.endswith("norm.weight"):
             tensors[name] = 1.0 + 0.1 * torch.randn(param.shape, generator=generator)
         else:

@@ -55,16 +55,24 @@ def build_tiny_llama(out: Path, heads: int, kv_heads: int, head_dim: int = 16, h
     return out
 
 
-def build_tiny_phi3(out: Path) -> Path:
-    """A random Phi-3 folder (fused qkv_proj and gate_up_proj, GQA, untied head) with the tiny tokenizer."""
-    from transformers import Phi3Config, Phi3ForCausalLM
+def build_tiny_family(out: Path, family: str) -> Path:
+    """A random Phi-3 (fused qkv_proj and gate_up_proj, untied head) or Qwen2 (q/k/v biases, tied head)
+    folder, GQA, with the tiny tokenizer; every bias drawn at random (transformers zeroes them)."""
+    from transformers import Phi3Config, Phi3ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+    families = {"phi3": (Phi3Config, Phi3ForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_class, model_class = families[family]
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
-    config = Phi3Config(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=6, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
-                        pad_token_id=2, initializer_range=0.1)
-    Phi3ForCausalLM(config).save_pretrained(out)
+    config = config_class(vocab_size=len(tokenizer), hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=6, num_key_value_heads=2, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=2, initializer_range=0.1, tie_word_embeddings=family == "qwen2")
+    model = model_class(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0, 0.5)
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 
@@ -304,20 +312,21 @@ def test_export_reload_round_trip(tiny_model, tmp_path):
     assert again == pytest.approx(report["perplexity"]["pruned"], rel=1e-4)
 
 
-def test_phi3_compresses_through_the_llama_layout(tmp_path):
-    """Phi-3's fused qkv_proj and gate_up_proj are read split: the dense reference model and a ratio-0
-    compression reproduce transformers' Phi-3, and a pruned one (attention too) reloads exactly."""
-    from transformers import AutoModelForCausalLM, Phi3ForCausalLM
+@pytest.mark.parametrize("family", ["phi3", "qwen2"])
+def test_other_families_compress_through_the_llama_layout(tmp_path, family):
+    """Phi-3's fused projections are read split, Qwen2's q/k/v biases kept: the dense reference model and a
+    ratio-0 compression reproduce transformers' own model, and a pruned one (attention too) reloads exactly."""
+    from transformers import AutoModelForCausalLM
 
-    phi3 = build_tiny_phi3(tmp_path / "phi3")
+    source = build_tiny_family(tmp_path / family, family)
     ids = torch.randint(0, 300, (2, 40))
     with torch.no_grad():
-        dense = Phi3ForCausalLM.from_pretrained(phi3, dtype=torch.float32).eval()(ids).logits
-        assert (load_reference_model(phi3)(ids).logits - dense).abs().max() < 1e-4
-        compress(phi3, tmp_path / "zero", CompressOptions(ratio=0.0, **FAST))
+        dense = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()(ids).logits
+        assert (load_reference_model(source)(ids).logits - dense).abs().max() < 1e-4
+        compress(source, tmp_path / "zero", CompressOptions(ratio=0.0, **FAST))
         assert (load_reference_model(tmp_path / "zero")(ids).logits - dense).abs().max() < 1e-4
-    report = compress(phi3, tmp_path / "pruned", CompressOptions(ratio=0.4, attention_share=None, head_dims=(8, 16),
-                                                                 mlp_multiple=1, **FAST))
+    report = compress(source, tmp_path / "pruned", CompressOptions(ratio=0.4, attention_share=None, head_dims=(8, 16),
+                                                                   mlp_multiple=1, **FAST))
     assert abs(report["achieved_ratio"] - 0.4) <= 0.01, report["achieved_ratio"]
     assert any(layer["num_heads"] < 6 or layer["head_dim"] < 16 for layer in report["layers"])
     remote = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", trust_remote_code=True, dtype=torch.float32)
@@ -327,7 +336,7 @@ def test_phi3_compresses_through_the_llama_layout(tmp_path):
 
 
 def test_phi3_whose_config_does_not_match_its_fused_weights_fails_with_one_line(tmp_path, capsys):
-    phi3 = build_tiny_phi3(tmp_path / "phi3")
+    phi3 = build_tiny_family(tmp_path / "phi3", "phi3")
     config = json.loads((phi3 / "config.json").read_text())
     (phi3 / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
     code = main(["compress", str(phi3), str(tmp_path / "out"), "--ratio", "0.2", "--samples", "4", "--seq-len", "64",

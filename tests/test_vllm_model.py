@@ -18,7 +18,7 @@ from openai import OpenAI
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig
 
-from checkpoints import Shape, cached_checkpoint, decoder_params, write_sliced, write_tiny_llama, write_tiny_phi3
+from checkpoints import Shape, cached_checkpoint, decoder_params, write_sliced, write_tiny_family, write_tiny_llama
 from compare import (assert_same_greedy, load_reference, reference_greedy, served_greedy,
                      served_greedy_concurrent)
 from conftest import CACHE
@@ -161,7 +161,7 @@ TINY_SHAPES = [Shape(4, 2, 64, 256), Shape(2, 1, 32, 128), Shape(4, 2, 48, 192)]
 @pytest.fixture(scope="module")
 def tiny_dirs(example_model_dir, tmp_path_factory) -> dict[str, Path]:
     """Sliced tiny random models: MHA (4/4 heads) and GQA (4/2 heads), head_dim 64; and a tiny random
-    Phi-3 (fused projections) pruned by the compressor itself, attention included."""
+    Phi-3 (fused projections) and Qwen2 (q/k/v biases), pruned by the compressor itself, attention included."""
     def build(num_kv_heads: int, shapes: list[Shape]):
         def write(out: Path) -> None:
             dense = write_tiny_llama(out / "dense", example_model_dir, num_heads=4, num_kv_heads=num_kv_heads)
@@ -169,15 +169,18 @@ def tiny_dirs(example_model_dir, tmp_path_factory) -> dict[str, Path]:
         return cached_checkpoint(CACHE, f"test-tiny-{num_kv_heads}kv", write) / "pruned"
 
     mha_shapes = [Shape(4, 4, 64, 256), Shape(2, 2, 32, 128), Shape(3, 3, 48, 192)]
-    phi3 = tmp_path_factory.mktemp("phi3")
-    compress(write_tiny_phi3(phi3 / "dense", example_model_dir), phi3 / "pruned", CompressOptions(
-        ratio=0.3, attention_share=None, head_dims=(32,), samples=4, seq_len=64, allocation_samples=4, group_size=2,
-        eval_samples=0, distill_steps=2))
-    return {"mha": build(4, mha_shapes), "gqa": build(2, TINY_SHAPES), "phi3": phi3 / "pruned"}
+    dirs = {"mha": build(4, mha_shapes), "gqa": build(2, TINY_SHAPES)}
+    for family in ("phi3", "qwen2"):
+        folder = tmp_path_factory.mktemp(family)
+        compress(write_tiny_family(folder / "dense", example_model_dir, family), folder / "pruned", CompressOptions(
+            ratio=0.3, attention_share=None, head_dims=(32,), samples=4, seq_len=64, allocation_samples=4,
+            group_size=2, eval_samples=0, distill_steps=2))
+        dirs[family] = folder / "pruned"
+    return dirs
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["mha", "gqa", "phi3"])
+@pytest.mark.parametrize("kind", ["mha", "gqa", "phi3", "qwen2"])
 def test_tiny_random_pruned_equals_reference(vllm_server, tiny_dirs, prompts, kind):
     model = load_reference(tiny_dirs[kind])
     client = client_of(vllm_server(tiny_dirs[kind], EAGER, *CHUNKED))

@@ -95,6 +95,8 @@ def supports_head_dim(backend: type, head_dim: int) -> bool:
 def expected_weight_shapes(config: LlamaConfig, dims: list[LayerDims]) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every decoder-layer tensor the format requires."""
     hidden = config.hidden_size
+    attention_bias, mlp_bias = getattr(config, "attention_bias", False), getattr(config, "mlp_bias", False)
+    qkv_bias = getattr(config, "qkv_bias", attention_bias)  # as the stock LlamaDecoderLayer reads them
     shapes = {}
     for i, d in enumerate(dims):
         q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
@@ -104,6 +106,13 @@ def expected_weight_shapes(config: LlamaConfig, dims: list[LayerDims]) -> dict[s
                  "mlp.down_proj": (hidden, d.intermediate_size),
                  "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,)}
         shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
+        biases = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv} if qkv_bias else {}
+        if attention_bias:
+            biases["self_attn.o_proj"] = hidden
+        if mlp_bias:
+            biases.update({"mlp.gate_proj": d.intermediate_size, "mlp.up_proj": d.intermediate_size,
+                           "mlp.down_proj": hidden})
+        shapes.update({f"model.layers.{i}.{name}.bias": (rows,) for name, rows in biases.items()})
     return shapes
 
 
