@@ -51,7 +51,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                     "none, the MLPs give it all, which measured best on the example model). "
                     "The paper's calibration is 128 x 2048 tokens (--samples 128 --seq-len 2048 with "
                     "enough text); the defaults are sized for a small model on a CPU.")
-    p.add_argument("model_dir", help="dense Hugging Face Llama-family model folder (safetensors)")
+    p.add_argument("model_dir", help="dense Hugging Face model folder (safetensors): Llama, Mistral without "
+                                     "sliding window, Phi-3/Phi-4 without LongRoPE, Qwen2/Qwen2.5")
     p.add_argument("out_dir", help="output folder (must not exist or be empty, unless --overwrite)")
     p.add_argument("--ratio", type=float, required=True,
                    help="fraction of decoder-layer parameters to remove, 0 <= R <= 0.9")

@@ -27,7 +27,7 @@ class CompressOptions:
     allocation: str = "global-pca"
     calibration: str | None = None
     text_field: str = "text"
-    samples: int = 32
+    samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (README), 80 s faster
     generated_fraction: float = 0.5
     seq_len: int = 512
     seed: int = 0
