@@ -61,7 +61,7 @@ def compress_example(dense_dir: Path, work_dir: Path) -> Path:
     if (path / "intraslice_report.json").is_file():
         print(f"reusing {path}")
     else:
-        # half the calibration samples and no distillation (about 4.5 minutes less on 2 cores): the demo is
+        # half the calibration samples and no distillation (about 4 minutes less on 2 cores): the demo is
         # about serving, and the shapes, so the speed, are the same
         compress(dense_dir, path, CompressOptions(ratio=DEMO_RATIO, pop_skip="auto", samples=32, distill_steps=0,
                                                   command=["intraslice", "demo"]))
