@@ -87,6 +87,11 @@ FUSED_PROJECTIONS = {"self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "s
                      "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 
 
+def fused_projection(name: str) -> str | None:
+    """The `FUSED_PROJECTIONS` key that checkpoint tensor `name` is, if any."""
+    return next((key for key in FUSED_PROJECTIONS if name.endswith("." + key)), None)
+
+
 def fused_part_rows(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
     """Rows of each part of the fused projections of a dense layer."""
     head_dim = dense_head_dim(config)
@@ -114,24 +119,24 @@ class CheckpointWeights:
             files = None
         else:
             raise UserError(f"{model_dir} has no model.safetensors (other weight formats are not supported)")
+        fused_rows: dict[str, int] = {}  # rows of each fused tensor, from the headers (no data is read)
         for file in sorted({*files.values()} if files else {path / "model.safetensors"}):
             with open_checked(file) as handle:
+                names = list(handle.keys())
                 if files is None:
-                    files = {name: file for name in handle.keys()}
+                    files = {name: file for name in names}
+                fused_rows.update({name: handle.get_slice(name).get_shape()[0] for name in names
+                                   if fused_projection(name)})
         self.files = files
         self.parts: dict[str, tuple[str, int, int]] = {}  # Llama name -> (fused name, first row, end row)
-        for name in files:
-            fused = next((key for key in FUSED_PROJECTIONS if name.endswith("." + key)), None)
-            if fused is None:
-                continue
+        for name, stored_rows in fused_rows.items():
             if config is None:
                 raise ValueError(f"{name} is fused: CheckpointWeights needs the model's config to split it")
+            fused = fused_projection(name)
             prefix, start = name[:-len(fused)], 0
             for part, rows in zip(FUSED_PROJECTIONS[fused], fused_part_rows(config)[fused]):
                 self.parts[prefix + part] = (name, start, start + rows)
                 start += rows
-            with open_checked(files[name]) as handle:  # the header alone: no tensor data is read
-                stored_rows = handle.get_slice(name).get_shape()[0]
             if stored_rows != start:
                 raise UserError(f"{name} has {stored_rows} rows; the config implies {start}")
 

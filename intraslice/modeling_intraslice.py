@@ -149,13 +149,19 @@ class KVCache:
         return self.layers[layer]
 
 
+def attention_biases(config) -> tuple[bool, bool]:
+    """Whether q/k/v_proj and o_proj have biases: `attention_bias` for all four, unless `qkv_bias` (which
+    vLLM's Llama reads too: Qwen2's q/k/v biases without an o_proj one) overrides it for q/k/v."""
+    bias = getattr(config, "attention_bias", False)
+    return getattr(config, "qkv_bias", bias), bias
+
+
 class Attention(nn.Module):
     def __init__(self, config, dims: LayerDims):
         super().__init__()
         self.config = config
         self.dims = dims
-        bias = getattr(config, "attention_bias", False)
-        qkv_bias = getattr(config, "qkv_bias", bias)  # vLLM's Llama reads it too: Qwen2's q/k/v biases
+        qkv_bias, bias = attention_biases(config)
         self.q_proj = nn.Linear(config.hidden_size, dims.num_heads * dims.head_dim, bias=qkv_bias)
         self.k_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=qkv_bias)
         self.v_proj = nn.Linear(config.hidden_size, dims.num_kv_heads * dims.head_dim, bias=qkv_bias)

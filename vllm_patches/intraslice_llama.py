@@ -26,7 +26,8 @@ import torch
 from torch import nn
 from transformers import LlamaConfig
 
-from intraslice.modeling_intraslice import LayerDims, dense_head_dim, dense_rope, layer_dims, pop_skip_layers
+from intraslice.modeling_intraslice import (LayerDims, attention_biases, dense_head_dim, dense_rope, layer_dims,
+                                            pop_skip_layers)
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
 from vllm.model_executor.layers.quantization import QuantizationConfig
@@ -95,8 +96,7 @@ def supports_head_dim(backend: type, head_dim: int) -> bool:
 def expected_weight_shapes(config: LlamaConfig, dims: list[LayerDims]) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every decoder-layer tensor the format requires."""
     hidden = config.hidden_size
-    attention_bias, mlp_bias = getattr(config, "attention_bias", False), getattr(config, "mlp_bias", False)
-    qkv_bias = getattr(config, "qkv_bias", attention_bias)  # as the stock LlamaDecoderLayer reads them
+    (qkv_bias, o_bias), mlp_bias = attention_biases(config), getattr(config, "mlp_bias", False)
     shapes = {}
     for i, d in enumerate(dims):
         q, kv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
@@ -107,7 +107,7 @@ def expected_weight_shapes(config: LlamaConfig, dims: list[LayerDims]) -> dict[s
                  "input_layernorm": (hidden,), "post_attention_layernorm": (hidden,)}
         shapes.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
         biases = {"self_attn.q_proj": q, "self_attn.k_proj": kv, "self_attn.v_proj": kv} if qkv_bias else {}
-        if attention_bias:
+        if o_bias:
             biases["self_attn.o_proj"] = hidden
         if mlp_bias:
             biases.update({"mlp.gate_proj": d.intermediate_size, "mlp.up_proj": d.intermediate_size,
