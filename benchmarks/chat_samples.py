@@ -1,0 +1,50 @@
+"""Greedy chat answers of dense and pruned checkpoints to the same everyday prompts, side by side: a
+look at what perplexity ratios mean for a chat user.
+
+Each prompt is one user turn through the checkpoint's chat template (with its default system prompt),
+answered greedily by the project's reference model (intraslice/modeling_intraslice.py), which vLLM
+serving matches token for token (tests/test_vllm_model.py).
+
+    .venv/bin/python benchmarks/chat_samples.py DENSE_DIR PRUNED_DIR [...] [--max-tokens 60]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from transformers import AutoTokenizer
+
+from intraslice.evaluate import load_reference_model
+
+PROMPTS = ["The capital of France is", "Explain in one sentence what a hash table is.",
+           "Give me three tips for staying healthy.", "Write a haiku about the sea.", "What is 12 times 7?",
+           "Who wrote Romeo and Juliet?", "Translate 'good morning' into French.",
+           "Summarize the plot of Cinderella in two sentences."]
+
+
+def answers(model_dir: str, max_tokens: int) -> list[str]:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = load_reference_model(model_dir)
+    replies = []
+    for prompt in PROMPTS:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        tokens, _ = model.generate_greedy(ids, max_tokens)
+        replies.append(tokenizer.decode(tokens[0], skip_special_tokens=False).split(tokenizer.eos_token)[0])
+    return replies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("model_dirs", nargs="+", help="checkpoint folders (dense or pruned)")
+    parser.add_argument("--max-tokens", type=int, default=60)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    for model_dir in args.model_dirs:
+        print(f"\n## {model_dir}")
+        for prompt, reply in zip(PROMPTS, answers(model_dir, args.max_tokens)):
+            print(f"- {prompt!r} -> {reply.strip()!r}")
+
+
+if __name__ == "__main__":
+    main()
