@@ -1,9 +1,10 @@
 """Greedy chat answers of dense and pruned checkpoints to the same everyday prompts, side by side: a
 look at what perplexity ratios mean for a chat user.
 
-Each prompt is one user turn through the checkpoint's chat template (with its default system prompt),
-answered greedily by the project's reference model (intraslice/modeling_intraslice.py), which vLLM
-serving matches token for token (tests/test_vllm_model.py).
+Each prompt is one user turn through the checkpoint's chat template (with its default system prompt;
+a model without a template gets the prompt as plain text), answered greedily by the project's
+reference model (intraslice/modeling_intraslice.py), which vLLM serving matches token for token
+(tests/test_vllm_model.py).
 
     .venv/bin/python benchmarks/chat_samples.py DENSE_DIR PRUNED_DIR [...] [--max-tokens 60]
 """
@@ -27,10 +28,14 @@ def answers(model_dir: str, max_tokens: int) -> list[str]:
     model = load_reference_model(model_dir)
     replies = []
     for prompt in PROMPTS:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                return_tensors="pt", return_dict=True)["input_ids"]
+        else:  # a base model: the prompt as plain text
+            ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         tokens, _ = model.generate_greedy(ids, max_tokens)
-        replies.append(tokenizer.decode(tokens[0], skip_special_tokens=False).split(tokenizer.eos_token)[0])
+        reply = tokenizer.decode(tokens[0], skip_special_tokens=False)
+        replies.append(reply.split(tokenizer.eos_token)[0] if tokenizer.eos_token else reply)
     return replies
 
 
