@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer
 
 from intraslice.evaluate import load_reference_model
+from intraslice.io import UserError
 
 PROMPTS = ["The capital of France is", "Explain in one sentence what a hash table is.",
            "Give me three tips for staying healthy.", "Write a haiku about the sea.", "What is 12 times 7?",
@@ -24,8 +25,8 @@ PROMPTS = ["The capital of France is", "Explain in one sentence what a hash tabl
 
 
 def answers(model_dir: str, max_tokens: int) -> list[str]:
+    model = load_reference_model(model_dir)  # checks the folder first: a one-line error if it is not a model
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = load_reference_model(model_dir)
     replies = []
     for prompt in PROMPTS:
         if tokenizer.chat_template:
@@ -46,8 +47,12 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     for model_dir in args.model_dirs:
+        try:
+            replies = answers(model_dir, args.max_tokens)
+        except UserError as error:
+            parser.exit(2, f"chat_samples: error: {error}\n")
         print(f"\n## {model_dir}")
-        for prompt, reply in zip(PROMPTS, answers(model_dir, args.max_tokens)):
+        for prompt, reply in zip(PROMPTS, replies):
             print(f"- {prompt!r} -> {reply.strip()!r}")
 
 
