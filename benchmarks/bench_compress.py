@@ -55,6 +55,8 @@ def main() -> None:
                              "one more perplexity column each")
     args = parser.parse_args()
     domains = {**DOMAINS, **{f"other: {Path(source).name}": source for source in args.other_text}}
+    if len(domains) < len(DOMAINS) + len(args.other_text):  # a column name twice would drop a text
+        parser.error("--other-text sources need distinct file or folder names (they name the columns)")
     work = Path(args.work_dir)
     model = Path(args.model) if args.model else work / "example-model"
     if not args.model and not (model / "model.safetensors").is_file():
