@@ -17,7 +17,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
         from intraslice.compressor import compress
 
         options = CompressOptions(
-            ratio=args.ratio, allocation=args.allocation, calibration=args.text, text_field=args.text_field,
+            ratio=args.ratio, allocation=args.allocation, texts=tuple(args.text or defaults.texts),
+            text_shares=tuple(args.text_shares or ()), text_field=args.text_field,
             samples=args.samples, generated_fraction=args.generated_fraction, seq_len=args.seq_len, seed=args.seed,
             allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels, group_size=args.group_size,
             global_frac=args.global_frac, attention_share=args.attention_share,
@@ -58,8 +59,15 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="fraction of decoder-layer parameters to remove, 0 <= R <= 0.9")
     p.add_argument("--allocation", choices=ALLOCATION_METHODS, default=defaults.allocation,
                    help="per-layer ratio estimator (default: global-pca, the paper's)")
-    p.add_argument("--text", default=None, help="calibration text: a .txt file or folder, a .jsonl file, "
-                                                "hf:NAME[:CONFIG], or builtin:kjv (default: built-in English prose)")
+    p.add_argument("--text", action="append", metavar="SOURCE",
+                   help="calibration text (repeatable, to mix sources): a .txt file or folder, a .jsonl file, "
+                        "hf:NAME[:CONFIG], builtin:pydoc or builtin:kjv; each source is split into calibration "
+                        "and held-out text on its own (default: builtin:pydoc, English prose from the standard "
+                        "library)")
+    p.add_argument("--text-shares", type=float, nargs="+", metavar="SHARE",
+                   help="each --text source's share of the text windows, in order, e.g. --text mine.jsonl "
+                        "--text builtin:kjv --text-shares 7 1; a small share of every other kind of text you "
+                        "serve keeps the pruned model good on it (README) (default: equal shares)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     p.add_argument("--samples", type=int, default=defaults.samples,
                    help=f"calibration samples (default: {defaults.samples})")
@@ -129,7 +137,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"calibration batch size (default: {defaults.batch_size})")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--pop-skip", default=None, metavar="auto|N",
-                   help="also choose a prefill-only skip set (POP) of N layers, or auto (default: off)")
+                   help="also choose a prefill-only skip set (POP) of N layers, or auto, on the first --text "
+                        "source (default: off)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     p.set_defaults(func=run)
 
@@ -163,8 +172,9 @@ def add_eval(sub: argparse._SubParsersAction) -> None:
                        description="Perplexity with the reference model on held-out text (the evaluation "
                                    "split, disjoint from the compressor's calibration split).")
     p.add_argument("model_dir", help="dense Llama or IntraSlice checkpoint folder")
-    p.add_argument("--text", action="append", help="text source (repeatable): a .txt file or folder, a .jsonl "
-                                                   "file, hf:NAME[:CONFIG] or builtin:kjv (default: built-in prose)")
+    p.add_argument("--text", action="append", metavar="SOURCE",
+                   help="text source (repeatable, one perplexity each): a .txt file or folder, a .jsonl file, "
+                        "hf:NAME[:CONFIG], builtin:pydoc or builtin:kjv (default: builtin:pydoc)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     p.add_argument("--samples", type=int, default=32, help="samples (default: 32)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sample (default: 512)")
@@ -211,8 +221,9 @@ def add_pop_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strategy", choices=("contiguous", "lowest", "last"), default="contiguous",
                    help="contiguous: the block with the lowest total prefill importance; lowest: the least "
                         "important layers anywhere; last: the deepest layers (default: contiguous)")
-    p.add_argument("--text", default=None, help="calibration text: a .txt file or folder, a .jsonl file or "
-                                                "hf:NAME[:CONFIG] (default: built-in English prose)")
+    p.add_argument("--text", default=None, help="calibration text: a .txt file or folder, a .jsonl file, "
+                                                "hf:NAME[:CONFIG], builtin:pydoc or builtin:kjv (default: "
+                                                "builtin:pydoc)")
     p.add_argument("--seed", type=int, default=0, help="sample choice and sampled labels (default: 0)")
     p.add_argument("--output", help="where to save the analysis JSON (default: MODEL_DIR/pop_analysis.json)")
     p.add_argument("--layers", help="skip set to use instead of analysing, comma-separated (e.g. 20,21,22; "

@@ -32,7 +32,8 @@ from intraslice.calibration import embed_batches, positions_for
 from intraslice.compress_options import CompressOptions, validate
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, mlp_width
-from intraslice.data import describe_source, load_token_samples
+from intraslice.data import (describe_mix, describe_source, load_mixed_samples, source_shares,
+                             window_counts)
 from intraslice.distill import DistillResult, TeacherTargets, distill, samples_used, teacher_targets
 from intraslice.evaluate import assemble_model, perplexity
 from intraslice.export import pruned_config, write_checkpoint
@@ -106,13 +107,13 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     """Calibration samples (text windows, plus samples drawn from the dense model), held-out
     evaluation samples, per-layer budgets, the dense perplexity, and the dense model's next-token
     targets for the distillation, from one load of the dense model."""
-    generated = round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
+    generated = generated_samples(options)
     with log.stage("calibration data"):
-        calibration = (load_token_samples(tokenizer, options.calibration, options.samples - generated,
+        calibration = (load_mixed_samples(tokenizer, options.texts, options.text_shares, options.samples - generated,
                                           options.seq_len, options.seed, "calibration", options.text_field)
                        if options.samples > generated else torch.empty(0, options.seq_len, dtype=torch.long))
-        evaluation = (load_token_samples(tokenizer, options.calibration, options.eval_samples, options.seq_len,
-                                         options.seed, "evaluation", options.text_field)
+        evaluation = (load_mixed_samples(tokenizer, options.texts, options.text_shares, options.eval_samples,
+                                         options.seq_len, options.seed, "evaluation", options.text_field)
                       if options.eval_samples else None)
     dense_ppl, stats, teacher = None, None, None
     needs_fisher = options.allocation != "uniform" and options.ratio > 0
@@ -137,6 +138,11 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, evaluation, budgets, dense_ppl, teacher
+
+
+def generated_samples(options: CompressOptions) -> int:
+    """How many calibration samples are drawn from the dense model (none when nothing is pruned)."""
+    return round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
@@ -210,14 +216,24 @@ def bias(linear: torch.nn.Linear) -> torch.Tensor | float:
 
 
 def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: CompressOptions) -> list[int]:
-    """`--pop-skip auto|N`: the prefill-only skip set from the POP analysis (intraslice.pop)."""
+    """`--pop-skip auto|N`: the prefill-only skip set from the POP analysis (intraslice.pop), on the
+    first `--text` source (the traffic the model mainly serves)."""
     from intraslice import pop
 
+    text = options.texts[0]
     if options.pop_skip == "auto":
-        return pop.choose_skip_set(model, tokenizer=tokenizer, text=options.calibration)
+        return pop.choose_skip_set(model, tokenizer=tokenizer, text=text)
     count = int(options.pop_skip)  # checked against the layer count by `compress`
     fraction = count / model.config.num_hidden_layers
-    return pop.choose_skip_set(model, fraction, tokenizer=tokenizer, text=options.calibration) if count else []
+    return pop.choose_skip_set(model, fraction, tokenizer=tokenizer, text=text) if count else []
+
+
+def text_windows(options: CompressOptions) -> dict[str, int]:
+    """Calibration windows taken from each text source."""
+    windows = options.samples - generated_samples(options)
+    shares = source_shares(options.texts, options.text_shares)
+    counts = window_counts(windows, shares) if windows else [0] * len(shares)
+    return {describe_source(source): count for source, count in zip(options.texts, counts)}
 
 
 def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: CompressOptions, log: StageLog,
@@ -245,11 +261,12 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
         "decoder_params": {"dense": dense_params, "pruned": pruned_params},
         "kv_cache_bytes_per_token": {"dense": kv_bytes(dense) * config.num_hidden_layers,
                                      "pruned": sum(kv_bytes(d) for d in dims), "dtype": str(dtype)},
-        "calibration": {"text": describe_source(options.calibration), "samples": options.samples,
+        "calibration": {"text": describe_mix(options.texts, options.text_shares), "samples": options.samples,
+                        "text_windows": text_windows(options),
                         "generated_fraction": options.generated_fraction,
                         "seq_len": options.seq_len, "seed": options.seed,
                         "allocation_samples": options.allocation_samples},
-        "perplexity": {"text": describe_source(options.calibration), "split": "evaluation",
+        "perplexity": {"text": describe_mix(options.texts, options.text_shares), "split": "evaluation",
                        "samples": options.eval_samples, "seq_len": options.seq_len,
                        "dense": dense_ppl, "pruned": pruned_ppl},
         "allocation": {"method": options.allocation, "fisher_labels": options.fisher_labels,

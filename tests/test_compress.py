@@ -109,6 +109,22 @@ def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated, label
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
 
 
+def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
+    sources = []
+    for name in ("docs", "chats"):
+        sources.append(str(tmp_path / f"{name}.txt"))
+        Path(sources[-1]).write_text("\n\n".join(f"{name} paragraph {i}: " + "some words " * 20 for i in range(300)))
+    fast = ["--samples", "8", "--generated-fraction", "0.5", "--seq-len", "64", "--allocation-samples", "4",
+            "--eval-samples", "4", "--distill-steps", "0"]
+    assert main(["compress", str(tiny_model), str(tmp_path / "out"), "--ratio", "0.2", "--text", sources[0],
+                 "--text", sources[1], "--text-shares", "3", "1", *fast]) == 0
+    report = json.loads((tmp_path / "out" / "intraslice_report.json").read_text())
+    assert report["calibration"]["text_windows"] == {sources[0]: 3, sources[1]: 1}
+    assert report["perplexity"]["text"] == f"{sources[0]} (75%) + {sources[1]} (25%)"
+    assert report["options"]["texts"] == sources and report["options"]["text_shares"] == [3.0, 1.0]
+    assert report["perplexity"]["dense"] > 1 and "held-out perplexity" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5])
 def test_attention_share_splits_the_budget(tiny_model, tmp_path, share):
     report = compress(tiny_model, tmp_path / "out",
@@ -374,6 +390,8 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
         (folder / "config.json").write_text(json.dumps({**config, "architectures": ["Phi3ForCausalLM"],
                                                         "model_type": "phi3", "max_position_embeddings": 4096,
                                                         "rope_parameters": {"rope_theta": 10000.0, **rope}}))
+    text = root / "text.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "some words " * 20 for i in range(300)))
     existing = root / "existing"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
@@ -386,6 +404,14 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
         "ratio negative": ([str(model), str(root / "out"), "--ratio", "-0.1"], "out of range"),
         "too little text": ([str(model), str(root / "out"), "--ratio", "0.2", "--samples", "5000",
                              "--generated-fraction", "0"], "too little"),
+        "text twice": ([str(model), str(root / "out"), "--ratio", "0.2", "--text", str(text), "--text", str(text)],
+                       "given twice"),
+        "shares per source": ([str(model), str(root / "out"), "--ratio", "0.2", "--text", str(text),
+                               "--text-shares", "1", "2"], "one per source"),
+        "zero share": ([str(model), str(root / "out"), "--ratio", "0.2", "--text", str(text), "--text",
+                        "builtin:pydoc", "--text-shares", "1", "0"], "positive"),
+        "fewer windows than sources": ([str(model), str(root / "out"), "--ratio", "0.2", "--text", str(text),
+                                        "--text", "builtin:pydoc", "--generated-fraction", "0.75"], "need at least 2"),
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),

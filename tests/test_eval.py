@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from intraslice.cli import main
-from intraslice.data import load_token_samples, split_text
+from intraslice.data import SPLITS, load_mixed_samples, load_token_samples, split_text, window_counts
 from intraslice.io import UserError
 
 from test_compress import build_tiny_llama
@@ -35,6 +37,13 @@ def test_eval_matches_transformers_loss(tiny_dense, capsys):
     assert printed == pytest.approx(expected, rel=1e-3)
 
 
+def test_builtin_prose_has_a_name_to_mix_it_by(tiny_dense, capsys):
+    assert main(["eval", str(tiny_dense), "--samples", "2", "--seq-len", "64"]) == 0
+    assert main(["eval", str(tiny_dense), "--samples", "2", "--seq-len", "64", "--text", "builtin:pydoc"]) == 0
+    default, named = capsys.readouterr().out.splitlines()
+    assert default == named and default.startswith("builtin:pydoc (evaluation, 2 x 64 tokens): perplexity")
+
+
 def test_splits_are_disjoint_by_construction(tmp_path):
     text = "\n\n".join(f"paragraph {i} " + "word " * 50 for i in range(100))
     (tmp_path / "a.txt").write_text(text)
@@ -52,6 +61,38 @@ def test_too_little_text_names_the_numbers(tiny_dense):
 
     with pytest.raises(UserError, match=r"too little calibration text .* 100000 were requested"):
         load_token_samples(AutoTokenizer.from_pretrained(tiny_dense), None, 100000, 64, 0, "calibration")
+
+
+@pytest.mark.parametrize("num_samples,shares,expected", [
+    (32, [7, 1], [28, 4]), (32, [1, 1, 1], [11, 11, 10]), (16, [0.875, 0.125], [14, 2]),
+    (3, [100, 1, 1], [1, 1, 1]), (5, [1, 0.01], [4, 1])])
+def test_window_counts_follow_the_shares_and_keep_every_source(num_samples, shares, expected):
+    assert window_counts(num_samples, shares) == expected
+
+
+def test_window_counts_refuse_fewer_windows_than_sources():
+    with pytest.raises(UserError, match=r"3 text sources need at least 3 evaluation windows \(one each\), not 2"):
+        window_counts(2, [1, 1, 1], "evaluation")
+
+
+def test_a_mix_takes_each_share_from_its_own_source_split(tiny_dense, tmp_path):
+    """Each source is cut into calibration and evaluation text on its own, so a mix's calibration and
+    evaluation windows are disjoint source by source, and every source gives its share."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_dense)
+    sources = []
+    for word in ("alpha", "omega"):
+        sources.append(str(tmp_path / f"{word}.txt"))
+        Path(sources[-1]).write_text("\n\n".join(f"{word} {i}. {word} {word}" for i in range(400)))
+    paragraphs = {}
+    for split in SPLITS:
+        texts = [tokenizer.decode(w) for w in load_mixed_samples(tokenizer, sources, [3, 1], 8, 32, 0, split)]
+        assert [("alpha" in t, "omega" in t) for t in texts] == [(True, False)] * 6 + [(False, True)] * 2
+        paragraphs[split] = {word: {int(n) for t in texts for n in re.findall(rf"{word} (\d+)\.", t)}
+                             for word in ("alpha", "omega")}
+    for word in ("alpha", "omega"):
+        assert max(paragraphs["calibration"][word]) < min(paragraphs["evaluation"][word]), word
 
 
 @pytest.mark.parametrize("argv,expected", [
