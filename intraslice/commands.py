@@ -66,8 +66,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "library)")
     p.add_argument("--text-shares", type=float, nargs="+", metavar="SHARE",
                    help="each --text source's share of the text windows, in order, e.g. --text mine.jsonl "
-                        "--text builtin:kjv --text-shares 7 1; a small share of every other kind of text you "
-                        "serve keeps the pruned model good on it (README) (default: equal shares)")
+                        "--text builtin:kjv --text-shares 7 1; a small share of each other kind of text you "
+                        "serve helps the pruned model most on it (README) (default: equal shares)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     p.add_argument("--samples", type=int, default=defaults.samples,
                    help=f"calibration samples (default: {defaults.samples})")
