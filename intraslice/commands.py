@@ -67,7 +67,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-shares", type=float, nargs="+", metavar="SHARE",
                    help="each --text source's share of the text windows, in order, e.g. --text mine.jsonl "
                         "--text builtin:kjv --text-shares 7 1; a small share of each other kind of text you "
-                        "serve helps the pruned model most on it (README) (default: equal shares)")
+                        "serve helps the pruned model most on it (docs/results.md) (default: equal shares)")
     p.add_argument("--text-field", default="text", help="JSONL / dataset text field (default: text)")
     p.add_argument("--samples", type=int, default=defaults.samples,
                    help=f"calibration samples (default: {defaults.samples})")
@@ -84,7 +84,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fisher-labels", choices=FISHER_LABELS, default=defaults.fisher_labels,
                    help="next tokens whose log-likelihood gradients make the Fisher scores: drawn from the dense "
                         "model's own predictions (sampled, the true Fisher; the other domain 1.2%% better on "
-                        "average in the README's paired runs) or the calibration text's (text, the paper's "
+                        "average in the paired runs of docs/results.md) or the calibration text's (text, the paper's "
                         "empirical Fisher) "
                         f"(default: {defaults.fisher_labels})")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
@@ -95,7 +95,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    metavar="SHARE|proportional",
                    help="fraction of the removed weights taken from attention, the MLPs giving the rest; "
                         "proportional: both lose R, as in the paper. On the example model any attention share "
-                        "cost quality (README), so attention is kept by default; larger models may differ "
+                        "cost quality (docs/results.md), so attention is kept by default; larger models may differ "
                         f"(default: {format_attention_share(defaults.attention_share)})")
     p.add_argument("--head-dims", type=int, nargs="+", default=list(VLLM_HEAD_DIMS),
                    help="allowed per-layer head dims (default: vLLM's CPU attention sizes "

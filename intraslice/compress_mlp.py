@@ -9,7 +9,7 @@ The fold's ridge (`ridge`, `--mlp-ridge`) is 0.3 * mean(diag C) by default, not 
 least-squares map learns correlations of the calibration text, and on text of another domain the
 paper's fold removed less error than no fold at all (per-layer probe of the example model). A stronger
 ridge keeps the fold to correlations that hold more broadly: at R = 0.2 other-domain perplexity fell
-3.9% with the same-domain one unchanged (README).
+3.9% with the same-domain one unchanged (docs/results.md).
 
 Which channels to keep:
 - `score` (the paper, default): the largest C_jj ||W_down[:, j]||^2, each channel judged alone;

@@ -28,7 +28,7 @@ class CompressOptions:
     texts: tuple[str | None, ...] = (None,)  # calibration text sources (intraslice.data); None: built-in prose
     text_shares: tuple[float, ...] = ()  # each source's share of the text windows; empty: equal shares
     text_field: str = "text"
-    samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (README), 80 s faster
+    samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (docs/results.md), 80 s faster
     generated_fraction: float = 0.5
     seq_len: int = 512
     seed: int = 0
@@ -36,7 +36,7 @@ class CompressOptions:
     fisher_labels: str = "sampled"
     group_size: int = 4
     global_frac: int = 4
-    attention_share: float | None = 0.0  # None: the paper's proportional split (see README's quality table)
+    attention_share: float | None = 0.0  # None: the paper's proportional split (see docs/results.md)
     head_dims: tuple[int, ...] = VLLM_HEAD_DIMS
     tp_size: int = 1
     mlp_multiple: int = 8

@@ -12,7 +12,7 @@ the one token that came next, and the generated half of the calibration has no o
 - Student: low-rank updates W + B A (LoRA) of every linear layer of the decoder, merged into the weights
   at the end, so the checkpoint keeps its shapes; the optimiser state stays small for any model size.
   On the example model at R = 0.3 this came within 0.01x of updating every weight with AdamW on the
-  same domain (README), without three extra copies of the weights.
+  same domain (docs/results.md), without three extra copies of the weights.
 - Safety: updates that do not lower the KL on the first calibration samples are dropped.
 - Memory: one sample per step, checkpointed layer by layer like the Fisher pass, the loss taken in
   chunks of positions.

@@ -40,7 +40,7 @@ from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM, pop_skip_
 
 DEFAULT_FRACTION = 1 / 3
 # 256 x 64 tokens: a few hundred samples (the paper uses 200) in about two minutes on 2 cores for
-# the 135M example model; a short context is enough to rank layers (see the README's quality table).
+# the 135M example model; a short context is enough to rank layers (see docs/results.md).
 DEFAULT_SAMPLES = 256
 DEFAULT_SEQ_LEN = 64
 DEFAULT_BATCH_SIZE = 16
