@@ -5,13 +5,15 @@ checkpoint (`pop_skip_layers: []`) against the non-POP reference."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from openai import OpenAI
 from transformers import LlamaConfig
 
-from compare import (assert_same_greedy, load_reference, max_logprob_diff, reference_greedy,
+from compare import (LOGPROB_TOLERANCE, assert_same_greedy, load_reference, max_logprob_diff, reference_greedy,
                      served_greedy, served_greedy_concurrent)
 
 MAX_TOKENS = 12
@@ -74,3 +76,23 @@ def test_pruned_pop_equals_reference_compiled(vllm_server, pruned_example_dir, p
     client = OpenAI(base_url=vllm_server(pruned_example_dir, *POP_OVERRIDES).url + "/v1", api_key="EMPTY")
     for served, expected in zip(served_greedy_concurrent(client, prompts, MAX_TOKENS), pruned_pop_reference):
         assert_same_greedy(served, expected)
+
+
+@pytest.mark.integration
+def test_prompt_logprobs_come_from_every_layer(vllm_server, pruned_example_dir, prompts, pruned_pop_reference):
+    """A request for its prompt's logprobs (echo, as perplexity and lm-eval clients send) gets the full
+    model's, not a shallower model's; the requests batched with it still skip."""
+    client = OpenAI(base_url=vllm_server(pruned_example_dir, *POP_OVERRIDES).url + "/v1", api_key="EMPTY")
+    model = client.models.list().data[0].id
+    prompt = prompts[-1]
+    with torch.no_grad():
+        logits = load_reference(pruned_example_dir, pop_skip_layers=[])(torch.tensor([prompt])).logits[0, :-1]
+    expected = logits.log_softmax(-1).gather(-1, torch.tensor(prompt[1:])[:, None])[:, 0].tolist()
+    with ThreadPoolExecutor(1) as pool:
+        echoed = pool.submit(client.completions.create, model=model, prompt=prompt, max_tokens=1, temperature=0,
+                             echo=True, logprobs=1)
+        batched = served_greedy_concurrent(client, prompts, MAX_TOKENS)
+        served = echoed.result().choices[0].logprobs.token_logprobs[1:len(prompt)]
+    assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) < LOGPROB_TOLERANCE
+    for got, want in zip(batched, pruned_pop_reference):
+        assert_same_greedy(got, want)

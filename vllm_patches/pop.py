@@ -2,13 +2,16 @@
 skip-set layers, where they only write their K/V (methods.md §2, reference:
 `IntraSliceLlamaForCausalLM.prefill(..., pop=True)` in intraslice/modeling_intraslice.py).
 
-Which tokens skip: a token is skipped iff `position < prompt_len - 1`. Kept tokens are therefore always
-the last ones of their request's chunk (a non-final prefill chunk keeps none, the final chunk keeps its
-last token, decode tokens are always kept), which is what the causal attention kernels assume when a
-request's queries are fewer than its new keys. vLLM's attention metadata has no prompt lengths, so a
-hook on the model runner's `_build_attention_metadata` (installed only when a POP checkpoint is
-served) computes, for real scheduler steps, the kept token indices and the attention metadata of the
-kept tokens, built by vLLM's own metadata builders, and publishes them as the current `PopStep`.
+Which tokens skip: a token is skipped iff `position < prompt_len - 1`, unless its request asked for
+prompt logprobs (`prompt_logprobs`, or `echo` with `logprobs`): those are the outputs of the prompt
+tokens, which POP would compute with a shallower model, so such a request runs every layer. Kept tokens
+are therefore always the last ones of their request's chunk (a non-final prefill chunk keeps none, the
+final chunk keeps its last token, decode tokens are always kept), which is what the causal attention
+kernels assume when a request's queries are fewer than its new keys. vLLM's attention metadata has no
+prompt lengths, so a hook on the model runner's `_build_attention_metadata` (installed only when a POP
+checkpoint is served) computes, for real scheduler steps, the kept token indices and the attention
+metadata of the kept tokens, built by vLLM's own metadata builders, and publishes them as the current
+`PopStep`.
 
 Execution: steps without skipped tokens (every decode-only step) run the normal, compiled model; only
 steps with skipped prompt tokens run the POP forward, eagerly (data-dependent shapes), which also
@@ -74,6 +77,9 @@ def _build_step(runner, num_tokens: int, num_reqs: int, slot_mappings: dict[int,
     computed = runner.input_batch.num_computed_tokens_cpu_tensor[:num_reqs]
     prompt_lens = runner.input_batch.num_prompt_tokens_cpu_tensor[:num_reqs]
     skipped = torch.minimum((prompt_lens - 1 - computed).clamp(min=0), query_lens)
+    if runner.num_prompt_logprobs:  # requests whose prompt tokens' outputs are returned skip nothing
+        wants_outputs = [req_id in runner.num_prompt_logprobs for req_id in runner.input_batch.req_ids[:num_reqs]]
+        skipped[torch.tensor(wants_outputs)] = 0
     if int(skipped.sum()) == 0:
         return None
     if len(runner.kv_cache_config.kv_cache_groups) != 1:
