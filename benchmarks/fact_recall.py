@@ -2,6 +2,11 @@
 by whether the expected answer appears in the first tokens. Perplexity averages over every token and
 hides what a pruned model forgets; a user asking "The capital of Japan is" sees it at once.
 
+A second, finer score: the mean log-probability each model gives the dense model's correct answers
+(its greedy tokens up to the one that completes the expected word, where the dense model is right).
+Pass or fail over 28 prompts moves by whole facts; this moves with every step towards or away from
+them, so two variants can be told apart with one run each.
+
 Each prompt is plain text (no chat template: the example model recalls facts as a completion model,
 and answers the same questions in chat mode worse even when dense). Answers come from the project's
 reference model (intraslice/modeling_intraslice.py), which vLLM serving matches token for token.
@@ -36,15 +41,43 @@ FACTS = [  # (prompt, answer that a correct completion contains)
 ]
 
 
-def completions(model_dir: str, max_tokens: int) -> list[str]:
-    model = load_reference_model(model_dir)  # checks the folder first: a one-line error if it is not a model
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    texts = []
-    with torch.no_grad():
-        for prompt, _ in FACTS:
-            tokens, _ = model.generate_greedy(torch.tensor([tokenizer(prompt).input_ids]), max_tokens)
-            texts.append(tokenizer.decode(tokens[0], skip_special_tokens=True).strip())
-    return texts
+@torch.no_grad()
+def completions(model, tokenizer, max_tokens: int) -> list[list[int]]:
+    """Greedy completion tokens of every prompt."""
+    return [model.generate_greedy(torch.tensor([tokenizer(prompt).input_ids]), max_tokens)[0][0].tolist()
+            for prompt, _ in FACTS]
+
+
+def correct_answers(tokenizer, dense_completions: list[list[int]]) -> list[list[int] | None]:
+    """Per prompt, the dense completion up to the token that completes the expected answer; None where
+    the dense model does not give it."""
+    answers = []
+    for (_, answer), tokens in zip(FACTS, dense_completions):
+        end = next((end for end in range(1, len(tokens) + 1) if recalls(answer, decode(tokenizer, tokens[:end]))),
+                   None)
+        answers.append(None if end is None else tokens[:end])
+    return answers
+
+
+def decode(tokenizer, tokens: list[int]) -> str:
+    return tokenizer.decode(tokens, skip_special_tokens=True).strip()
+
+
+def recalls(answer: str, text: str) -> bool:
+    return answer.lower() in text.lower()
+
+
+@torch.no_grad()
+def mean_answer_log_prob(model, tokenizer, answers: list[list[int] | None]) -> float:
+    """Mean over the answered prompts of log p(answer tokens | prompt), teacher-forced."""
+    scores = []
+    for (prompt, _), answer in zip(FACTS, answers):
+        if answer is None:
+            continue
+        prompt_ids = tokenizer(prompt).input_ids
+        logits = model(torch.tensor([prompt_ids + answer])).logits[0, len(prompt_ids) - 1:-1]
+        scores.append(float(logits.log_softmax(-1)[torch.arange(len(answer)), answer].sum()))
+    return sum(scores) / len(scores)
 
 
 def main() -> None:
@@ -53,18 +86,30 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8, help="greedy tokens per prompt (default: 8)")
     parser.add_argument("--show", action="store_true", help="print every completion, prompt by prompt")
     args = parser.parse_args()
-    try:
-        results = {model: completions(model, args.max_tokens) for model in args.models}
-    except UserError as error:
-        parser.exit(2, f"fact_recall: error: {error}\n")
+    texts, scores, answers = {}, {}, None
+    for model_dir in args.models:  # one model in memory at a time
+        try:
+            model = load_reference_model(model_dir)  # checks the folder first: a one-line error if not a model
+        except UserError as error:
+            parser.exit(2, f"fact_recall: error: {error}\n")
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokens = completions(model, tokenizer, args.max_tokens)
+        if answers is None:
+            answers = correct_answers(tokenizer, tokens)
+            if not any(answers):
+                parser.exit(2, f"fact_recall: error: {model_dir} (the dense model) recalls none of the facts\n")
+        texts[model_dir] = [decode(tokenizer, t) for t in tokens]
+        scores[model_dir] = mean_answer_log_prob(model, tokenizer, answers)
     if args.show:
         for index, (prompt, answer) in enumerate(FACTS):
             print(f"{prompt!r} (expected {answer!r})")
-            for model, texts in results.items():
-                print(f"  [{model}] {texts[index]!r}")
-    for model, texts in results.items():
-        correct = sum(answer.lower() in text.lower() for (_, answer), text in zip(FACTS, texts))
-        print(f"{model}: {correct} / {len(FACTS)} facts recalled")
+            for model_dir, completed in texts.items():
+                print(f"  [{model_dir}] {completed[index]!r}")
+    answered = sum(a is not None for a in answers)
+    for model_dir, completed in texts.items():
+        correct = sum(recalls(answer, text) for (_, answer), text in zip(FACTS, completed))
+        print(f"{model_dir}: {correct} / {len(FACTS)} facts recalled; mean log-probability of the dense "
+              f"model's {answered} correct answers {scores[model_dir]:.3f}")
 
 
 if __name__ == "__main__":
