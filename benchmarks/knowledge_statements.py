@@ -4,8 +4,8 @@ A pruned model keeps the MLP channels that its calibration text uses. Prose rare
 the channels that recall facts go first (docs/results.md#factual-recall). This script writes a text
 file of short statements for `intraslice compress --text`: openings such as "The capital of Peru is" or
 "Lagos is a city in", over the countries and languages of pycountry (in the `test` extra) and the
-cities of the time-zone database, each completed greedily by the dense model to the end of its first sentence. The
-statements are the model's beliefs, right or wrong: what the pruned model should keep.
+cities of the time-zone database, each completed greedily by the dense model to the end of its first
+sentence. The statements are the model's beliefs, right or wrong: what the pruned model should keep.
 
     .venv/bin/python benchmarks/knowledge_statements.py MODEL_DIR OUT.txt [--hold-out-benchmark]
     intraslice compress MODEL_DIR OUT --ratio 0.2 --text builtin:pydoc --text OUT.txt --text-shares 3 1
@@ -16,6 +16,7 @@ the benchmark measures recall of facts the calibration did not state.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import zoneinfo
 from collections import defaultdict
@@ -76,8 +77,10 @@ def main() -> None:
     parser.add_argument("--hold-out-benchmark", action="store_true",
                         help="leave out the entities of benchmarks/fact_recall.py")
     parser.add_argument("--copies", type=int, default=6,
-                        help="shuffled copies of the statements (default: 6, about 120k tokens)")
+                        help="shuffled copies of the statements (default: 6, about 130k tokens)")
     args = parser.parse_args()
+    if args.copies < 1:
+        parser.error("--copies must be >= 1")
     try:
         model = load_reference_model(args.model)
     except UserError as error:
@@ -87,8 +90,10 @@ def main() -> None:
     for _ in range(args.copies):  # shuffled copies: every calibration window mixes many entities
         rng.shuffle(lines)
         documents.append(" ".join(lines))
-    with open(args.out, "w") as out:
+    partial = f"{args.out}.partial"  # renamed when complete: never a half-written file
+    with open(partial, "w") as out:
         out.write("\n\n".join(documents))
+    os.replace(partial, args.out)
     print(f"{len(lines)} statements, {args.copies} shuffled copies -> {args.out}")
 
 
