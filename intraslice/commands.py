@@ -19,7 +19,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
         options = CompressOptions(
             ratio=args.ratio, allocation=args.allocation, texts=tuple(args.text or defaults.texts),
             text_shares=tuple(args.text_shares or ()), text_field=args.text_field,
-            samples=args.samples, generated_fraction=args.generated_fraction, seq_len=args.seq_len, seed=args.seed,
+            samples=args.samples, generated_fraction=args.generated_fraction,
+            knowledge_fraction=args.knowledge_fraction, seq_len=args.seq_len, seed=args.seed,
             allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels, group_size=args.group_size,
             global_frac=args.global_frac, attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
@@ -75,6 +76,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the calibration samples sampled from the dense model itself rather than "
                         "taken from --text; generated text keeps the pruned model good on text of other domains "
                         f"(default: {defaults.generated_fraction}; 0 calibrates on --text alone, as the paper)")
+    p.add_argument("--knowledge-fraction", type=float, default=defaults.knowledge_fraction,
+                   help="fraction of the calibration samples made of the dense model's own one-sentence "
+                        "statements about countries, cities and languages (intraslice/knowledge_openings.txt), "
+                        "so that the channels that recall facts are kept; prose alone rarely asks for them "
+                        f"(default: {defaults.knowledge_fraction}; 0 for none)")
     p.add_argument("--seq-len", type=int, default=defaults.seq_len,
                    help=f"tokens per sample (default: {defaults.seq_len})")
     p.add_argument("--seed", type=int, default=defaults.seed,

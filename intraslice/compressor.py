@@ -1,10 +1,11 @@
 """`intraslice compress`: the IntraSlice compressor, in the order of the algorithm.
 
-    calibration text ─► split of the removed weights between attention and MLPs (`--attention-share`),
-    per-layer ratios (global estimator) ─► layer by layer, on the already
-    compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least squares) then MLP
-    (channel selection, least squares) ─► a short self-distillation of the whole pruned model towards
-    the dense one (`--distill-steps`) ─► export (a physically smaller checkpoint) + report
+    calibration (text, the dense model's samples and statements) ─► split of the removed weights
+    between attention and MLPs (`--attention-share`), per-layer ratios (global estimator) ─► layer by
+    layer, on the already compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least
+    squares) then MLP (channel selection, least squares) ─► a short self-distillation of the whole
+    pruned model towards the dense one (`--distill-steps`) ─► export (a physically smaller checkpoint)
+    + report
 
 Memory: the ratio estimator needs gradients through the whole dense model (one copy); compression then
 streams the source checkpoint one decoder layer at a time, keeping only that layer, the calibration
@@ -37,7 +38,7 @@ from intraslice.data import (describe_mix, describe_source, load_mixed_samples, 
 from intraslice.distill import DistillResult, TeacherTargets, distill, samples_used, teacher_targets
 from intraslice.evaluate import assemble_model, perplexity
 from intraslice.export import pruned_config, write_checkpoint
-from intraslice.generated import sample_token_windows
+from intraslice.generated import sample_token_windows, statement_windows
 from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims, dense_layer_dims
@@ -104,27 +105,30 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
 def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, options: CompressOptions, log: StageLog
                            ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None,
                                       TeacherTargets | None]:
-    """Calibration samples (text windows, plus samples drawn from the dense model), held-out
+    """Calibration samples (text windows, plus samples and statements drawn from the dense model), held-out
     evaluation samples, per-layer budgets, the dense perplexity, and the dense model's next-token
     targets for the distillation, from one load of the dense model."""
-    generated = generated_samples(options)
+    generated, statements = generated_samples(options)
     with log.stage("calibration data"):
-        calibration = (load_mixed_samples(tokenizer, options.texts, options.text_shares, options.samples - generated,
-                                          options.seq_len, options.seed, "calibration", options.text_field)
-                       if options.samples > generated else torch.empty(0, options.seq_len, dtype=torch.long))
+        windows = options.samples - generated - statements
+        calibration = (load_mixed_samples(tokenizer, options.texts, options.text_shares, windows, options.seq_len,
+                                          options.seed, "calibration", options.text_field)
+                       if windows else torch.empty(0, options.seq_len, dtype=torch.long))
         evaluation = (load_mixed_samples(tokenizer, options.texts, options.text_shares, options.eval_samples,
                                          options.seq_len, options.seed, "evaluation", options.text_field)
                       if options.eval_samples else None)
     dense_ppl, stats, teacher = None, None, None
     needs_fisher = options.allocation != "uniform" and options.ratio > 0
     needs_teacher = options.distill_steps > 0 and options.ratio > 0
-    if generated or needs_fisher or needs_teacher or evaluation is not None:
+    if generated or statements or needs_fisher or needs_teacher or evaluation is not None:
         dense = assemble_model(config, weights, device=options.device)
-        if generated:
+        if generated or statements:
             with log.stage("calibration data (generated)"):
-                calibration = interleave(calibration, sample_token_windows(
-                    dense, generated, options.seq_len, options.seed, min(len(tokenizer), config.vocab_size)),
-                    options.seed)
+                drawn = [sample_token_windows(dense, generated, options.seq_len, options.seed,
+                                              min(len(tokenizer), config.vocab_size))] if generated else []
+                if statements:
+                    drawn.append(statement_windows(dense, tokenizer, statements, options.seq_len, options.seed))
+                calibration = interleave(calibration, torch.cat(drawn), options.seed)
         if evaluation is not None:
             with log.stage("evaluation (dense)"):
                 dense_ppl = perplexity(dense, evaluation, desc="perplexity (dense)")
@@ -140,9 +144,13 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     return calibration, evaluation, budgets, dense_ppl, teacher
 
 
-def generated_samples(options: CompressOptions) -> int:
-    """How many calibration samples are drawn from the dense model (none when nothing is pruned)."""
-    return round(options.samples * options.generated_fraction) if options.ratio > 0 else 0
+def generated_samples(options: CompressOptions) -> tuple[int, int]:
+    """How many calibration samples the dense model samples and how many are its statements (none when
+    nothing is pruned)."""
+    if options.ratio == 0:
+        return 0, 0
+    generated = round(options.samples * options.generated_fraction)
+    return generated, min(round(options.samples * options.knowledge_fraction), options.samples - generated)
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
@@ -230,7 +238,7 @@ def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: Compr
 
 def text_windows(options: CompressOptions) -> dict[str, int]:
     """Calibration windows taken from each text source."""
-    windows = options.samples - generated_samples(options)
+    windows = options.samples - sum(generated_samples(options))
     shares = source_shares(options.texts, options.text_shares)
     counts = window_counts(windows, shares) if windows else [0] * len(shares)
     return {describe_source(source): count for source, count in zip(options.texts, counts)}
@@ -243,6 +251,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
     import transformers
 
     dense = dense_layer_dims(config)
+    generated, statements = generated_samples(options)
     element = torch.tensor([], dtype=dtype).element_size()
 
     def layer_params(d: LayerDims) -> int:
@@ -263,7 +272,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                                      "pruned": sum(kv_bytes(d) for d in dims), "dtype": str(dtype)},
         "calibration": {"text": describe_mix(options.texts, options.text_shares), "samples": options.samples,
                         "text_windows": text_windows(options),
-                        "generated_fraction": options.generated_fraction,
+                        "generated_windows": generated, "statement_windows": statements,
                         "seq_len": options.seq_len, "seed": options.seed,
                         "allocation_samples": options.allocation_samples},
         "perplexity": {"text": describe_mix(options.texts, options.text_shares), "split": "evaluation",

@@ -1,20 +1,32 @@
-"""Calibration text sampled from the dense model itself.
+"""Calibration text drawn from the dense model itself, of two kinds.
 
-A pruned model is judged on text the calibration never saw. Samples drawn from the model's own
+Samples: a pruned model is judged on text the calibration never saw. Samples drawn from the model's own
 distribution (each from a random first token, then plain sampling at temperature 1, as in LLM-QAT's
 data-free calibration) cover what the model has learned to predict, not one corpus's domain; mixed with
-real text they make the least-squares folds and channel choices generalise beyond that text.
+real text they make the least-squares folds and channel choices generalise beyond that text. Each
+window is packed from several independent pieces, as pretraining packs documents: more random starts
+cover more of the distribution, and short pieces decode in fewer, wider steps.
 
-Each calibration window is packed from several independent pieces, as pretraining packs documents:
-more random starts cover more of the distribution, and short pieces decode in fewer, wider steps.
+Statements: prose rarely asks for a fact, so the MLP channels that recall facts would go first
+(docs/results.md#factual-recall). The model's own greedy one-sentence completions of openings such as
+"The capital of Peru is" or "Lagos is a city in" (`knowledge_openings.txt`: the countries and languages
+of ISO 3166 and 639 and the cities of the time-zone database, written by
+benchmarks/knowledge_openings.py) make the calibration ask for what the model knows. They are its
+beliefs, right or wrong: what the pruned model should keep.
 """
 from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from intraslice.heap import release_free_memory
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM, KVCache
+
+KNOWLEDGE_OPENINGS = Path(__file__).with_name("knowledge_openings.txt")
 
 
 @torch.no_grad()
@@ -25,24 +37,87 @@ def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, se
     vocabulary, not the embedding's padding). `batch_size` pieces decode at once; their KV cache is the
     compressor's largest allocation besides the model (0.19 GB for the example model's 32 x 128 tokens)."""
     generator = torch.Generator().manual_seed(seed)
-    device = next(model.parameters()).device
     piece_len = min(piece_len, seq_len)
     pieces_per_window = -(-seq_len // piece_len)
     num_pieces = num_samples * pieces_per_window
     pieces = []
-    progress = tqdm(total=num_pieces * piece_len, desc="calibration: sampling from the model", unit="tok")
-    for start in range(0, num_pieces, batch_size):
-        count = min(batch_size, num_pieces - start)
-        tokens = [torch.randint(0, vocab_size, (count, 1), generator=generator)]
-        cache = KVCache(model.config.num_hidden_layers)
-        logits = model.prefill(tokens[0].to(device), cache)
-        progress.update(count)
-        for _ in range(piece_len - 1):
-            probs = logits.softmax(-1).cpu()
-            tokens.append(torch.multinomial(probs, 1, generator=generator))
-            logits = model.prefill(tokens[-1].to(device), cache)
-            release_free_memory()  # each step's short-lived tensors would otherwise fragment the heap
+    with tqdm(total=num_pieces * piece_len, desc="calibration: sampling from the model", unit="tok") as progress:
+        for start in range(0, num_pieces, batch_size):
+            count = min(batch_size, num_pieces - start)
+            first = torch.randint(0, vocab_size, (count, 1), generator=generator)
             progress.update(count)
-        pieces.append(torch.cat(tokens, dim=1))
-    progress.close()
+            pieces.append(extend(model, first, piece_len - 1,
+                                 lambda logits, _: torch.multinomial(logits.softmax(-1), 1, generator=generator),
+                                 progress))
     return torch.cat(pieces).view(num_samples, -1)[:, :seq_len]
+
+
+@torch.no_grad()
+def statement_windows(model: IntraSliceLlamaForCausalLM, tokenizer, num_samples: int, seq_len: int, seed: int,
+                      max_tokens: int = 20, batch_size: int = 128) -> torch.LongTensor:
+    """`num_samples` windows [N, seq_len] packed from the model's statements: the openings in a seeded
+    order, each with its greedy completion up to the end of its first sentence, until they fill the
+    windows (in reshuffled repeats if all the openings do not)."""
+    rng = random.Random(seed)
+    openings = KNOWLEDGE_OPENINGS.read_text().splitlines()
+    rng.shuffle(openings)
+    needed = num_samples * seq_len
+    statements, tokens = [], 0
+    with tqdm(total=needed, desc="calibration: the model's statements", unit="tok") as progress:
+        for start in range(0, len(openings), batch_size):
+            for statement in greedy_statements(model, tokenizer, openings[start:start + batch_size], max_tokens):
+                statements.append(tokenizer(" " + statement, add_special_tokens=False).input_ids)
+                tokens += len(statements[-1])
+                progress.update(len(statements[-1]))
+            if tokens >= needed:
+                break
+    stream = []
+    while len(stream) < needed:  # shuffled: every window mixes kinds of statement
+        rng.shuffle(statements)
+        stream += [token for statement in statements for token in statement]
+    return torch.tensor(stream[:needed], dtype=torch.long).view(num_samples, seq_len)
+
+
+def greedy_statements(model: IntraSliceLlamaForCausalLM, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
+    """Each prompt with its greedy completion, cut after the first sentence. Prompts of any length decode
+    in one batch: each row is fed its own prompt's tokens until they run out (the reference model takes
+    no padding), then its greedy choices."""
+    ids = [tokenizer(prompt).input_ids for prompt in prompts]
+    lengths = torch.tensor([len(i) for i in ids])
+    shortest, longest = int(lengths.min()), int(lengths.max())
+    forced = torch.tensor([i + [0] * (longest - len(i)) for i in ids])
+
+    def next_token(logits: torch.Tensor, position: int) -> torch.LongTensor:
+        prompt_token = forced[:, min(position, longest - 1)]
+        return torch.where(position < lengths, prompt_token, logits.argmax(-1)).unsqueeze(1)
+
+    tokens = extend(model, forced[:, :shortest], longest - shortest + max_tokens, next_token)
+    results = []
+    for prompt, row, length in zip(prompts, tokens.tolist(), lengths.tolist()):
+        results.append(prompt + first_sentence(tokenizer.decode(row[length:length + max_tokens],
+                                                                skip_special_tokens=True)))
+    return results
+
+
+def first_sentence(text: str) -> str:
+    line = text.split("\n")[0]
+    return line[:line.index(".") + 1] if "." in line else line
+
+
+def extend(model: IntraSliceLlamaForCausalLM, prompts: torch.LongTensor, new_tokens: int,
+           next_token: Callable[[torch.Tensor, int], torch.LongTensor], progress: tqdm | None = None
+           ) -> torch.LongTensor:
+    """`prompts` [B, L] followed by `new_tokens` tokens, each picked by `next_token` from the last
+    position's logits [B, vocab] (on the CPU, where the seeded generators live) and its position."""
+    device = next(model.parameters()).device
+    cache = KVCache(model.config.num_hidden_layers)
+    tokens = [prompts]
+    logits = model.prefill(prompts.to(device), cache)
+    for step in range(new_tokens):
+        tokens.append(next_token(logits.cpu(), prompts.shape[1] + step))
+        if step < new_tokens - 1:
+            logits = model.prefill(tokens[-1].to(device), cache)
+        release_free_memory()  # each step's short-lived tensors would otherwise fragment the heap
+        if progress is not None:
+            progress.update(len(prompts))
+    return torch.cat(tokens, dim=1)

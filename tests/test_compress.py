@@ -98,14 +98,14 @@ def test_ratio_zero_reproduces_dense(tiny_model, tmp_path):
     assert (pruned - dense_logits(tiny_model, ids)).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("ratio,allocation,generated,labels", [(0.1, "global-pca", 0.5, "sampled"),
-                                                                (0.3, "uniform", 0.0, "sampled"),
-                                                                (0.5, "global", 1.0, "text")])
-def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated, labels):
+@pytest.mark.parametrize("ratio,allocation,generated,knowledge,labels",
+                         [(0.1, "global-pca", 0.5, 0.25, "sampled"), (0.3, "uniform", 0.0, 0.0, "sampled"),
+                          (0.5, "global", 1.0, 0.0, "text")])
+def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated, knowledge, labels):
     report = compress(tiny_model, tmp_path / "out",
                       CompressOptions(ratio=ratio, allocation=allocation, attention_share=None, head_dims=(8, 16),
-                                      mlp_multiple=1, generated_fraction=generated, fisher_labels=labels,
-                                      **{**FAST, "eval_samples": 0}))
+                                      mlp_multiple=1, generated_fraction=generated, knowledge_fraction=knowledge,
+                                      fisher_labels=labels, **{**FAST, "eval_samples": 0}))
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
 
 
@@ -114,12 +114,13 @@ def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
     for name in ("docs", "chats"):
         sources.append(str(tmp_path / f"{name}.txt"))
         Path(sources[-1]).write_text("\n\n".join(f"{name} paragraph {i}: " + "some words " * 20 for i in range(300)))
-    fast = ["--samples", "8", "--generated-fraction", "0.5", "--seq-len", "64", "--allocation-samples", "4",
-            "--eval-samples", "4", "--distill-steps", "0"]
+    fast = ["--samples", "10", "--generated-fraction", "0.4", "--knowledge-fraction", "0.2", "--seq-len", "64",
+            "--allocation-samples", "4", "--eval-samples", "4", "--distill-steps", "0"]
     assert main(["compress", str(tiny_model), str(tmp_path / "out"), "--ratio", "0.2", "--text", sources[0],
                  "--text", sources[1], "--text-shares", "3", "1", *fast]) == 0
     report = json.loads((tmp_path / "out" / "intraslice_report.json").read_text())
     assert report["calibration"]["text_windows"] == {sources[0]: 3, sources[1]: 1}
+    assert report["calibration"]["generated_windows"] == 4 and report["calibration"]["statement_windows"] == 2
     assert report["perplexity"]["text"] == f"{sources[0]} (75%) + {sources[1]} (25%)"
     assert report["options"]["texts"] == sources and report["options"]["text_shares"] == [3.0, 1.0]
     assert report["perplexity"]["dense"] > 1 and "held-out perplexity" in capsys.readouterr().out
@@ -281,6 +282,47 @@ def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
     assert torch.equal(first, again) and not torch.equal(first, other_seed)
 
 
+def test_statements_decode_prompts_of_any_length_in_one_batch(tiny_model):
+    """Each row is fed its own prompt before its greedy choices: the same statements as one by one."""
+    from transformers import AutoTokenizer
+
+    from intraslice.generated import first_sentence, greedy_statements
+
+    model, tokenizer = load_reference_model(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    prompts = ["The capital of Peru is", "Lagos is a city in", "The official language of Saint Martin (French part) is"]
+    assert len({len(tokenizer(prompt).input_ids) for prompt in prompts}) == len(prompts)
+    for prompt, statement in zip(prompts, greedy_statements(model, tokenizer, prompts, max_tokens=6)):
+        tokens, _ = model.generate_greedy(torch.tensor([tokenizer(prompt).input_ids]), 6)
+        assert statement == prompt + first_sentence(tokenizer.decode(tokens[0], skip_special_tokens=True))
+    assert first_sentence(" Lima. It lies on the coast.") == " Lima." and first_sentence(" Lima\nPeru.") == " Lima"
+
+
+def test_statement_windows_are_seeded_and_packed_from_the_openings(tiny_model):
+    from transformers import AutoTokenizer
+
+    from intraslice.generated import KNOWLEDGE_OPENINGS, statement_windows
+
+    model, tokenizer = load_reference_model(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    first, again, other_seed = (statement_windows(model, tokenizer, 2, 64, seed, max_tokens=4) for seed in (3, 3, 4))
+    assert first.shape == (2, 64) and torch.equal(first, again) and not torch.equal(first, other_seed)
+    text = tokenizer.decode(first.flatten())
+    assert sum(opening in text for opening in KNOWLEDGE_OPENINGS.read_text().splitlines()) >= 4
+
+
+def test_knowledge_openings_leave_out_the_fact_benchmark_entities(monkeypatch):
+    """benchmarks/fact_recall.py measures recall of facts that the calibration's statements do not state."""
+    from intraslice.generated import KNOWLEDGE_OPENINGS
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "benchmarks"))
+    from fact_recall import FACTS
+
+    openings = KNOWLEDGE_OPENINGS.read_text().splitlines()
+    assert len(openings) > 1000 and "The capital of Peru is" in openings
+    for entity in ("France", "Japan", "Paris", "Tokyo", "Moscow", "Russia", "New York"):
+        assert entity in " ".join(prompt + " " + answer for prompt, answer in FACTS)
+        assert not any(entity in opening for opening in openings), entity
+
+
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc")
 def test_checkpoint_reads_leave_the_file_unmapped_once_released(tiny_model):
     """A mapping that outlives the tensors read keeps every page they touched resident: reading a model
@@ -414,6 +456,8 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                                         "--text", "builtin:pydoc", "--generated-fraction", "0.75"], "need at least 2"),
         "generated fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "1.5"],
                                "--generated-fraction"),
+        "knowledge fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "0.95"],
+                               "--knowledge-fraction"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
         "negative distillation": ([str(model), str(root / "out"), "--ratio", "0.2", "--distill-steps", "-1"],
                                   "--distill-steps"),
