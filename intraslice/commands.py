@@ -19,7 +19,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
         options = CompressOptions(
             ratio=args.ratio, allocation=args.allocation, texts=tuple(args.text or defaults.texts),
             text_shares=tuple(args.text_shares or ()), text_field=args.text_field,
-            samples=args.samples, generated_fraction=args.generated_fraction,
+            samples=args.samples, generated_fraction=args.generated_fraction, opening_share=args.opening_share,
             knowledge_fraction=args.knowledge_fraction, seq_len=args.seq_len, seed=args.seed,
             allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels, group_size=args.group_size,
             global_frac=args.global_frac, attention_share=args.attention_share,
@@ -76,6 +76,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="fraction of the calibration samples sampled from the dense model itself rather than "
                         "taken from --text; generated text keeps the pruned model good on text of other domains "
                         f"(default: {defaults.generated_fraction}; 0 calibrates on --text alone, as the paper)")
+    p.add_argument("--opening-share", type=float, default=defaults.opening_share,
+                   help="share of the generated samples that start from openings of other kinds of writing "
+                        "(intraslice/register_openings.txt: fiction, history, verse, drama, letters, law, ...) "
+                        "instead of a random token, whose samples are modern web text, chat and code "
+                        f"(default: {defaults.opening_share}; 0 for random starts only)")
     p.add_argument("--knowledge-fraction", type=float, default=defaults.knowledge_fraction,
                    help="fraction of the calibration samples made of the dense model's own one-sentence "
                         "statements about countries, cities and languages (intraslice/knowledge_openings.txt), "

@@ -30,7 +30,8 @@ class CompressOptions:
     text_field: str = "text"
     samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (docs/results.md), 80 s faster
     generated_fraction: float = 0.5
-    knowledge_fraction: float = 0.125  # the dense model's statements (intraslice.generated); facts 6/28 -> 15/28
+    opening_share: float = 0.25  # of the generated samples, those started from register_openings.txt
+    knowledge_fraction: float = 0.0625  # the dense model's statements (intraslice.generated); facts 6/28 -> 16/28
     seq_len: int = 512
     seed: int = 0
     allocation_samples: int = 16
@@ -80,6 +81,8 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--mlp-ridge {options.mlp_ridge} must be >= 0")
     if not 0 <= options.generated_fraction <= 1:
         raise UserError(f"--generated-fraction {options.generated_fraction} must be between 0 and 1")
+    if not 0 <= options.opening_share <= 1:
+        raise UserError(f"--opening-share {options.opening_share} must be between 0 and 1")
     if not 0 <= options.knowledge_fraction <= 1 - options.generated_fraction:
         raise UserError(f"--knowledge-fraction {options.knowledge_fraction} must be between 0 and 1 - "
                         f"--generated-fraction ({1 - options.generated_fraction:g})")

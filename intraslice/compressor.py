@@ -38,7 +38,7 @@ from intraslice.data import (describe_mix, describe_source, load_mixed_samples, 
 from intraslice.distill import DistillResult, TeacherTargets, distill, samples_used, teacher_targets
 from intraslice.evaluate import assemble_model, perplexity
 from intraslice.export import pruned_config, write_checkpoint
-from intraslice.generated import sample_token_windows, statement_windows
+from intraslice.generated import register_openings, sample_token_windows, statement_windows
 from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims, dense_layer_dims
@@ -108,7 +108,7 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     """Calibration samples (text windows, plus samples and statements drawn from the dense model), held-out
     evaluation samples, per-layer budgets, the dense perplexity, and the dense model's next-token
     targets for the distillation, from one load of the dense model."""
-    generated, statements = generated_samples(options)
+    generated, from_openings, statements = generated_samples(options)
     with log.stage("calibration data"):
         windows = options.samples - generated - statements
         calibration = (load_mixed_samples(tokenizer, options.texts, options.text_shares, windows, options.seq_len,
@@ -124,8 +124,12 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
         dense = assemble_model(config, weights, device=options.device)
         if generated or statements:
             with log.stage("calibration data (generated)"):
-                drawn = [sample_token_windows(dense, generated, options.seq_len, options.seed,
-                                              min(len(tokenizer), config.vocab_size))] if generated else []
+                vocab_size = min(len(tokenizer), config.vocab_size)
+                drawn = [sample_token_windows(dense, generated - from_openings, options.seq_len, options.seed,
+                                              vocab_size)] if generated > from_openings else []
+                if from_openings:
+                    drawn.append(sample_token_windows(dense, from_openings, options.seq_len, options.seed, vocab_size,
+                                                      register_openings(tokenizer)))
                 if statements:
                     drawn.append(statement_windows(dense, tokenizer, statements, options.seq_len, options.seed))
                 calibration = interleave(calibration, torch.cat(drawn), options.seed)
@@ -144,13 +148,14 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     return calibration, evaluation, budgets, dense_ppl, teacher
 
 
-def generated_samples(options: CompressOptions) -> tuple[int, int]:
-    """How many calibration samples the dense model samples and how many are its statements (none when
-    nothing is pruned)."""
+def generated_samples(options: CompressOptions) -> tuple[int, int, int]:
+    """How many calibration samples the dense model samples, how many of those start from the register
+    openings, and how many are its statements (none when nothing is pruned)."""
     if options.ratio == 0:
-        return 0, 0
+        return 0, 0, 0
     generated = round(options.samples * options.generated_fraction)
-    return generated, min(round(options.samples * options.knowledge_fraction), options.samples - generated)
+    return (generated, round(generated * options.opening_share),
+            min(round(options.samples * options.knowledge_fraction), options.samples - generated))
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
@@ -238,7 +243,8 @@ def choose_pop_skip(model: IntraSliceLlamaForCausalLM, tokenizer, options: Compr
 
 def text_windows(options: CompressOptions) -> dict[str, int]:
     """Calibration windows taken from each text source."""
-    windows = options.samples - sum(generated_samples(options))
+    generated, _, statements = generated_samples(options)
+    windows = options.samples - generated - statements
     shares = source_shares(options.texts, options.text_shares)
     counts = window_counts(windows, shares) if windows else [0] * len(shares)
     return {describe_source(source): count for source, count in zip(options.texts, counts)}
@@ -251,7 +257,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
     import transformers
 
     dense = dense_layer_dims(config)
-    generated, statements = generated_samples(options)
+    generated, from_openings, statements = generated_samples(options)
     element = torch.tensor([], dtype=dtype).element_size()
 
     def layer_params(d: LayerDims) -> int:
@@ -272,7 +278,8 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                                      "pruned": sum(kv_bytes(d) for d in dims), "dtype": str(dtype)},
         "calibration": {"text": describe_mix(options.texts, options.text_shares), "samples": options.samples,
                         "text_windows": text_windows(options),
-                        "generated_windows": generated, "statement_windows": statements,
+                        "generated_windows": generated, "generated_from_openings": from_openings,
+                        "statement_windows": statements,
                         "seq_len": options.seq_len, "seed": options.seed,
                         "allocation_samples": options.allocation_samples},
         "perplexity": {"text": describe_mix(options.texts, options.text_shares), "split": "evaluation",

@@ -5,7 +5,11 @@ distribution (each from a random first token, then plain sampling at temperature
 data-free calibration) cover what the model has learned to predict, not one corpus's domain; mixed with
 real text they make the least-squares folds and channel choices generalise beyond that text. Each
 window is packed from several independent pieces, as pretraining packs documents: more random starts
-cover more of the distribution, and short pieces decode in fewer, wider steps.
+cover more of the distribution, and short pieces decode in fewer, wider steps. From random first
+tokens the model writes modern web text, chat and code; a share of the pieces starts instead from
+openings of other kinds of writing (`register_openings.txt`: fiction, history, treatises, verse, drama,
+sermons, letters, law, news, recipes, diaries, proofs...), so that older and literary registers are
+covered too (docs/results.md).
 
 Statements: prose rarely asks for a fact, so the MLP channels that recall facts would go first
 (docs/results.md#factual-recall). The model's own greedy one-sentence completions of openings such as
@@ -17,7 +21,7 @@ beliefs, right or wrong: what the pruned model should keep.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -27,29 +31,49 @@ from intraslice.heap import release_free_memory
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM, KVCache
 
 KNOWLEDGE_OPENINGS = Path(__file__).with_name("knowledge_openings.txt")
+REGISTER_OPENINGS = Path(__file__).with_name("register_openings.txt")
 
 
 @torch.no_grad()
 def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, seq_len: int, seed: int,
-                         vocab_size: int, piece_len: int = 128, batch_size: int = 32) -> torch.LongTensor:
+                         vocab_size: int, openings: Sequence[list[int]] = (), piece_len: int = 128,
+                         batch_size: int = 32) -> torch.LongTensor:
     """`num_samples` windows [N, seq_len], each packed from pieces of `piece_len` tokens sampled from
     `model`, every piece from a uniformly random token below `vocab_size` (the tokenizer's real
-    vocabulary, not the embedding's padding). `batch_size` pieces decode at once; their KV cache is the
-    compressor's largest allocation besides the model (0.19 GB for the example model's 32 x 128 tokens)."""
+    vocabulary, not the embedding's padding) or, given `openings` (token ids), from the next opening in
+    a seeded order, repeated in reshuffled rounds. `batch_size` pieces decode at once; their KV cache
+    is the compressor's largest allocation besides the model (0.19 GB for the example model's 32 x 128
+    tokens)."""
     generator = torch.Generator().manual_seed(seed)
     piece_len = min(piece_len, seq_len)
     pieces_per_window = -(-seq_len // piece_len)
     num_pieces = num_samples * pieces_per_window
+    prompts = [opening[:piece_len - 1] for opening in seeded_rounds(openings, num_pieces, seed)]
     pieces = []
-    with tqdm(total=num_pieces * piece_len, desc="calibration: sampling from the model", unit="tok") as progress:
+    desc = "calibration: sampling from the model" + (" (openings)" if openings else "")
+    with tqdm(total=num_pieces * piece_len, desc=desc, unit="tok") as progress:
         for start in range(0, num_pieces, batch_size):
             count = min(batch_size, num_pieces - start)
-            first = torch.randint(0, vocab_size, (count, 1), generator=generator)
-            progress.update(count)
-            pieces.append(extend(model, first, piece_len - 1,
-                                 lambda logits, _: torch.multinomial(logits.softmax(-1), 1, generator=generator),
-                                 progress))
+            batch = (prompts[start:start + count] if openings
+                     else torch.randint(0, vocab_size, (count, 1), generator=generator).tolist())
+            pieces.append(decode_after_prompts(
+                model, batch, piece_len,
+                lambda logits: torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1), progress))
     return torch.cat(pieces).view(num_samples, -1)[:, :seq_len]
+
+
+def register_openings(tokenizer) -> list[list[int]]:
+    return [tokenizer(line).input_ids for line in REGISTER_OPENINGS.read_text().splitlines() if line]
+
+
+def seeded_rounds(items: Sequence, count: int, seed: int) -> list:
+    """`count` items in rounds over `items`, each round in a fresh seeded order."""
+    rng, order = random.Random(seed), []
+    while items and len(order) < count:
+        round_ = list(items)
+        rng.shuffle(round_)
+        order += round_
+    return order[:count]
 
 
 @torch.no_grad()
@@ -79,29 +103,34 @@ def statement_windows(model: IntraSliceLlamaForCausalLM, tokenizer, num_samples:
 
 
 def greedy_statements(model: IntraSliceLlamaForCausalLM, tokenizer, prompts: list[str], max_tokens: int) -> list[str]:
-    """Each prompt with its greedy completion, cut after the first sentence. Prompts of any length decode
-    in one batch: each row is fed its own prompt's tokens until they run out (the reference model takes
-    no padding), then its greedy choices."""
+    """Each prompt with its greedy completion, cut after the first sentence."""
     ids = [tokenizer(prompt).input_ids for prompt in prompts]
-    lengths = torch.tensor([len(i) for i in ids])
-    shortest, longest = int(lengths.min()), int(lengths.max())
-    forced = torch.tensor([i + [0] * (longest - len(i)) for i in ids])
-
-    def next_token(logits: torch.Tensor, position: int) -> torch.LongTensor:
-        prompt_token = forced[:, min(position, longest - 1)]
-        return torch.where(position < lengths, prompt_token, logits.argmax(-1)).unsqueeze(1)
-
-    tokens = extend(model, forced[:, :shortest], longest - shortest + max_tokens, next_token)
-    results = []
-    for prompt, row, length in zip(prompts, tokens.tolist(), lengths.tolist()):
-        results.append(prompt + first_sentence(tokenizer.decode(row[length:length + max_tokens],
-                                                                skip_special_tokens=True)))
-    return results
+    tokens = decode_after_prompts(model, ids, max(map(len, ids)) + max_tokens, lambda logits: logits.argmax(-1))
+    return [prompt + first_sentence(tokenizer.decode(row[len(i):len(i) + max_tokens], skip_special_tokens=True))
+            for prompt, i, row in zip(prompts, ids, tokens.tolist())]
 
 
 def first_sentence(text: str) -> str:
     line = text.split("\n")[0]
     return line[:line.index(".") + 1] if "." in line else line
+
+
+def decode_after_prompts(model: IntraSliceLlamaForCausalLM, prompts: Sequence[list[int]], length: int,
+                         choose: Callable[[torch.Tensor], torch.LongTensor], progress: tqdm | None = None
+                         ) -> torch.LongTensor:
+    """Rows [B, length]: each prompt (token ids) followed by the tokens `choose` picks from the last
+    position's logits [B, vocab]. Prompts of any length decode in one batch: each row is fed its own
+    prompt's tokens until they run out (the reference model takes no padding), then its choices."""
+    lengths = torch.tensor([len(prompt) for prompt in prompts])
+    shortest = int(lengths.min())
+    forced = torch.tensor([list(prompt) + [0] * (length - len(prompt)) for prompt in prompts])
+
+    def next_token(logits: torch.Tensor, position: int) -> torch.LongTensor:
+        return torch.where(position < lengths, forced[:, position], choose(logits)).unsqueeze(1)
+
+    if progress is not None:
+        progress.update(shortest * len(prompts))
+    return extend(model, forced[:, :shortest], length - shortest, next_token, progress)
 
 
 def extend(model: IntraSliceLlamaForCausalLM, prompts: torch.LongTensor, new_tokens: int,

@@ -114,13 +114,15 @@ def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
     for name in ("docs", "chats"):
         sources.append(str(tmp_path / f"{name}.txt"))
         Path(sources[-1]).write_text("\n\n".join(f"{name} paragraph {i}: " + "some words " * 20 for i in range(300)))
-    fast = ["--samples", "10", "--generated-fraction", "0.4", "--knowledge-fraction", "0.2", "--seq-len", "64",
+    fast = ["--samples", "10", "--generated-fraction", "0.4", "--opening-share", "0.5", "--knowledge-fraction", "0.2",
+            "--seq-len", "64",
             "--allocation-samples", "4", "--eval-samples", "4", "--distill-steps", "0"]
     assert main(["compress", str(tiny_model), str(tmp_path / "out"), "--ratio", "0.2", "--text", sources[0],
                  "--text", sources[1], "--text-shares", "3", "1", *fast]) == 0
     report = json.loads((tmp_path / "out" / "intraslice_report.json").read_text())
     assert report["calibration"]["text_windows"] == {sources[0]: 3, sources[1]: 1}
-    assert report["calibration"]["generated_windows"] == 4 and report["calibration"]["statement_windows"] == 2
+    assert report["calibration"]["generated_windows"] == 4 and report["calibration"]["generated_from_openings"] == 2
+    assert report["calibration"]["statement_windows"] == 2
     assert report["perplexity"]["text"] == f"{sources[0]} (75%) + {sources[1]} (25%)"
     assert report["options"]["texts"] == sources and report["options"]["text_shares"] == [3.0, 1.0]
     assert report["perplexity"]["dense"] > 1 and "held-out perplexity" in capsys.readouterr().out
@@ -280,6 +282,23 @@ def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
     assert first.shape == (3, 20) and first.min() >= 0 and first.max() < model.config.vocab_size
     assert first[:, ::8].max() < 300  # every piece starts from the tokenizer's vocabulary
     assert torch.equal(first, again) and not torch.equal(first, other_seed)
+
+
+def test_generated_pieces_start_from_the_openings_in_seeded_rounds(tiny_model):
+    from transformers import AutoTokenizer
+
+    from intraslice.generated import REGISTER_OPENINGS, register_openings, sample_token_windows
+
+    model, tokenizer = load_reference_model(tiny_model), AutoTokenizer.from_pretrained(tiny_model)
+    openings = [[5, 6, 7], [8], [9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [19, 20]]  # the third longer than a piece
+    sample = dict(vocab_size=300, openings=openings, piece_len=8, batch_size=3)
+    first, again = (sample_token_windows(model, 3, 16, seed=7, **sample) for _ in range(2))
+    other_seed = sample_token_windows(model, 3, 16, seed=8, **sample)
+    assert torch.equal(first, again) and not torch.equal(first, other_seed)
+    pieces = first.view(6, 8).tolist()
+    starts = [next(tuple(o[:7]) for o in openings if piece[:len(o[:7])] == o[:7]) for piece in pieces]
+    assert sorted(starts[:4]) == sorted(tuple(o[:7]) for o in openings)  # every opening once per round
+    assert len(REGISTER_OPENINGS.read_text().splitlines()) >= 50 and len(register_openings(tokenizer)) >= 50
 
 
 def test_statements_decode_prompts_of_any_length_in_one_batch(tiny_model):
@@ -458,6 +477,8 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
                                "--generated-fraction"),
         "knowledge fraction": ([str(model), str(root / "out"), "--ratio", "0.2", "--generated-fraction", "0.95"],
                                "--knowledge-fraction"),
+        "opening share": ([str(model), str(root / "out"), "--ratio", "0.2", "--opening-share", "1.5"],
+                          "--opening-share"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
         "negative distillation": ([str(model), str(root / "out"), "--ratio", "0.2", "--distill-steps", "-1"],
                                   "--distill-steps"),
