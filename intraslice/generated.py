@@ -63,6 +63,7 @@ def sample_token_windows(model: IntraSliceLlamaForCausalLM, num_samples: int, se
 
 
 def register_openings(tokenizer) -> list[list[int]]:
+    """The token ids of each opening in `register_openings.txt`."""
     return [tokenizer(line).input_ids for line in REGISTER_OPENINGS.read_text().splitlines() if line]
 
 
