@@ -31,7 +31,7 @@ class CompressOptions:
     samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (docs/results.md), 80 s faster
     generated_fraction: float = 0.5
     opening_share: float = 0.25  # of the generated samples, those started from register_openings.txt
-    knowledge_fraction: float = 0.0625  # the dense model's statements (intraslice.generated); facts 6/28 -> 16/28
+    knowledge_fraction: float = 0.0625  # the dense model's statements (intraslice.generated); facts 6 -> 13 of 28
     seq_len: int = 512
     seed: int = 0
     allocation_samples: int = 16

@@ -115,8 +115,7 @@ def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
         sources.append(str(tmp_path / f"{name}.txt"))
         Path(sources[-1]).write_text("\n\n".join(f"{name} paragraph {i}: " + "some words " * 20 for i in range(300)))
     fast = ["--samples", "10", "--generated-fraction", "0.4", "--opening-share", "0.5", "--knowledge-fraction", "0.2",
-            "--seq-len", "64",
-            "--allocation-samples", "4", "--eval-samples", "4", "--distill-steps", "0"]
+            "--seq-len", "64", "--allocation-samples", "4", "--eval-samples", "4", "--distill-steps", "0"]
     assert main(["compress", str(tiny_model), str(tmp_path / "out"), "--ratio", "0.2", "--text", sources[0],
                  "--text", sources[1], "--text-shares", "3", "1", *fast]) == 0
     report = json.loads((tmp_path / "out" / "intraslice_report.json").read_text())
