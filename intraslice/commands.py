@@ -77,9 +77,10 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "taken from --text; generated text keeps the pruned model good on text of other domains "
                         f"(default: {defaults.generated_fraction}; 0 calibrates on --text alone, as the paper)")
     p.add_argument("--opening-share", type=float, default=defaults.opening_share,
-                   help="share of the generated samples that start from openings of other kinds of writing "
-                        "(intraslice/register_openings.txt: fiction, history, verse, drama, letters, law, ...) "
-                        "instead of a random token, whose samples are modern web text, chat and code "
+                   help="share of the generated samples that start from openings of many kinds of writing "
+                        "(intraslice/register_openings.txt: fiction, history, verse, drama, letters, law, "
+                        "technical documentation, code, ...) instead of a random token, whose samples are mostly "
+                        "modern web text, chat and code "
                         f"(default: {defaults.opening_share}; 0 for random starts only)")
     p.add_argument("--knowledge-fraction", type=float, default=defaults.knowledge_fraction,
                    help="fraction of the calibration samples made of the dense model's own one-sentence "
