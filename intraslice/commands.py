@@ -81,7 +81,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "(intraslice/register_openings.txt: fiction, history, verse, drama, letters, law, "
                         "technical documentation, code, ...) instead of a random token, whose samples are mostly "
                         "modern web text, chat and code "
-                        f"(default: {defaults.opening_share}; 0 for random starts only)")
+                        f"(default: {defaults.opening_share}: openings only; 0 for random starts only)")
     p.add_argument("--knowledge-fraction", type=float, default=defaults.knowledge_fraction,
                    help="fraction of the calibration samples made of the dense model's own one-sentence "
                         "statements about countries, cities and languages (intraslice/knowledge_openings.txt), "

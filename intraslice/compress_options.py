@@ -30,7 +30,7 @@ class CompressOptions:
     text_field: str = "text"
     samples: int = 64  # x 512 tokens; 32 lose 0.02-0.04x of same-domain perplexity (docs/results.md), 80 s faster
     generated_fraction: float = 0.5
-    opening_share: float = 0.75  # of the generated samples, those started from register_openings.txt (docs/results.md)
+    opening_share: float = 1.0  # of the generated samples, those started from register_openings.txt (docs/results.md)
     knowledge_fraction: float = 0.0625  # the dense model's statements (intraslice.generated); facts 6 -> 13 of 28
     seq_len: int = 512
     seed: int = 0

@@ -6,10 +6,11 @@ data-free calibration) cover what the model has learned to predict, not one corp
 real text they make the least-squares folds and channel choices generalise beyond that text. Each
 window is packed from several independent pieces, as pretraining packs documents: more random starts
 cover more of the distribution, and short pieces decode in fewer, wider steps. From random first
-tokens the model writes mostly modern web text, chat and code; most of the pieces (`--opening-share`)
-start instead from openings of many kinds of writing (`register_openings.txt`: fiction, history,
-treatises, verse, drama, sermons, letters, law, news, recipes, diaries, proofs, and a few of technical
-documentation, code and chat), so that older and literary registers are covered too without losing
+tokens the model writes mostly modern web text, chat and code; by default every piece
+(`--opening-share`) starts instead from one of the openings of many kinds of writing
+(`register_openings.txt`: fiction, history, treatises, verse, drama, sermons, letters, law, news,
+recipes, diaries, proofs, and a dozen of technical documentation, code and chat, which stand in for
+what the random starts wrote), so that older and literary registers are covered too without losing
 the modern ones (docs/results.md).
 
 Statements: prose rarely asks for a fact, so the MLP channels that recall facts would go first

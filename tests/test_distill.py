@@ -121,7 +121,7 @@ def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa):
 
 
 def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp, tmp_path):
-    # random starts only, as before the openings became most of the samples: on this random tiny model the
+    # random starts only, as before the openings became the default: on this random tiny model the
     # openings' pieces left the held-out KL above the undistilled one (0.0640 against 0.0625)
     options = dict(ratio=0.4, opening_share=0.0, **{**FAST, "samples": 8, "allocation_samples": 4, "distill_steps": 32})
     plain = compress(tiny_sharp, tmp_path / "plain", CompressOptions(**{**options, "distill_steps": 0}))
