@@ -18,7 +18,7 @@ from intraslice.cli import main
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, obs_channels
 from intraslice.compress_options import CompressOptions
-from intraslice.compressor import compress
+from intraslice.compressor import compress, generated_samples, text_windows
 from intraslice.evaluate import load_reference_model
 from intraslice.modeling_intraslice import Attention, LayerDims, MLP, dense_layer_dims
 
@@ -125,6 +125,14 @@ def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
     assert report["perplexity"]["text"] == f"{sources[0]} (75%) + {sources[1]} (25%)"
     assert report["options"]["texts"] == sources and report["options"]["text_shares"] == [3.0, 1.0]
     assert report["perplexity"]["dense"] > 1 and "held-out perplexity" in capsys.readouterr().out
+
+
+def test_default_calibration_mix():
+    # the README's mix: 28 prose windows, 32 sampled from the openings (none from random tokens), 4 statements
+    defaults = CompressOptions(ratio=0.3)
+    assert generated_samples(defaults) == (32, 32, 4)
+    assert text_windows(defaults) == {"builtin:pydoc": 28}
+    assert generated_samples(CompressOptions(ratio=0.0)) == (0, 0, 0)  # nothing pruned: nothing to sample
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5])
