@@ -11,6 +11,7 @@ ALLOCATION_METHODS = ("global-pca", "global", "uniform")
 FISHER_LABELS = ("sampled", "text")  # Fisher scores: next tokens drawn from the model (true Fisher), or the text's
 SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
 MLP_SELECTIONS = ("score", "obs")  # MLP channels: the paper's score, or greedy elimination seeing the fold
+AUTOCAST_CHOICES = ("auto", "bfloat16", "off")  # bfloat16 autocast where it is safe (intraslice.precision)
 TARGETS = ("own", "dense")  # least-squares target: the module's own unpruned output, or the dense model's
 
 # Head sizes vLLM's CPU attention backend accepts (GPU backends accept these too).
@@ -53,6 +54,7 @@ class CompressOptions:
     eval_samples: int = 16
     batch_size: int = 4
     device: str = "cpu"
+    autocast: str = "auto"  # bfloat16 for the distillation's decoder passes, where fast (intraslice.precision)
     pop_skip: str | None = None
     overwrite: bool = False
     command: list[str] = field(default_factory=lambda: list(sys.argv))
@@ -71,6 +73,8 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--shape-selection {options.shape_selection!r}: choose one of {', '.join(SHAPE_SELECTIONS)}")
     if options.mlp_selection not in MLP_SELECTIONS:
         raise UserError(f"--mlp-selection {options.mlp_selection!r}: choose one of {', '.join(MLP_SELECTIONS)}")
+    if options.autocast not in AUTOCAST_CHOICES:
+        raise UserError(f"--autocast {options.autocast!r}: choose one of {', '.join(AUTOCAST_CHOICES)}")
     if options.target not in TARGETS:
         raise UserError(f"--target {options.target!r}: choose one of {', '.join(TARGETS)}")
     if options.tp_size < 1 or options.mlp_multiple < 1 or options.batch_size < 1 or options.group_size < 1:

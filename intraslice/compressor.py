@@ -42,6 +42,7 @@ from intraslice.generated import register_openings, sample_token_windows, statem
 from intraslice.heap import peak_rss_mb, release_free_memory
 from intraslice.io import UserError, atomic_output_dir, check_output_dir
 from intraslice.modeling_intraslice import DecoderLayer, IntraSliceLlamaForCausalLM, LayerDims, dense_layer_dims
+from intraslice.precision import use_bfloat16
 
 
 class StageLog:
@@ -86,7 +87,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     if teacher is not None:
         with log.stage("distillation"):
             distilled = distill(model, calibration[:len(teacher.log_probs)], teacher, options.distill_steps,
-                                options.distill_lr, options.distill_rank, options.seed)
+                                options.distill_lr, options.distill_rank, options.seed, bfloat16(options))
     with log.stage("evaluation"):
         pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
     pop_skip = []
@@ -146,6 +147,11 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, evaluation, budgets, dense_ppl, teacher
+
+
+def bfloat16(options: CompressOptions) -> bool:
+    """Whether the distillation's decoder passes run under bfloat16 autocast (`--autocast`)."""
+    return use_bfloat16(options.autocast, torch.device(options.device))
 
 
 def generated_samples(options: CompressOptions) -> tuple[int, int, int]:
@@ -291,6 +297,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
         "distillation": None if distilled is None else {
             "steps": options.distill_steps, "lr": options.distill_lr, "rank": options.distill_rank,
             **asdict(distilled)},
+        "bfloat16_autocast": bfloat16(options),
         "layers": [d.to_json() for d in dims],
         "pop_skip_layers": pop_skip,
         "stages": log.stages,

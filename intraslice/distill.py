@@ -16,6 +16,8 @@ the one token that came next, and the generated half of the calibration has no o
 - Safety: updates that do not lower the KL on the first calibration samples are dropped.
 - Memory: one sample per step, checkpointed layer by layer like the Fisher pass, the loss taken in
   chunks of positions.
+- Precision: the decoder's passes under bfloat16 autocast where the device multiplies bfloat16
+  natively (`--autocast`, intraslice.precision); the logits, the loss and the check stay float32.
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from tqdm.auto import tqdm
 from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, chunk_spans
 from intraslice.heap import release_free_memory
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
+from intraslice.precision import bfloat16_autocast
 
 TOP_K = 64
+FORWARD_CHUNK = 256  # positions whose logits exist at once in passes without gradients (50 MB, 49k vocabulary)
 
 
 @dataclass
@@ -53,8 +57,8 @@ def teacher_targets(teacher: IntraSliceLlamaForCausalLM, samples: torch.Tensor, 
     targets = TeacherTargets(torch.empty(*samples.shape, k), torch.empty(*samples.shape, k, dtype=torch.long))
     for index in tqdm(range(len(samples)), desc="distillation: teacher", unit="sample"):
         hidden = teacher.model(samples[index:index + 1].to(device))
-        for span in chunk_spans(hidden.shape[1]):
-            top = F.log_softmax(teacher.lm_head(hidden[:, span]).float(), -1).topk(k, -1)
+        for span in chunk_spans(hidden.shape[1], FORWARD_CHUNK):
+            top = F.log_softmax(teacher.logits(hidden[:, span]), -1).topk(k, -1)
             targets.log_probs[index, span] = top.values[0].cpu()
             targets.tokens[index, span] = top.indices[0].cpu()
         release_free_memory()
@@ -121,10 +125,12 @@ def samples_used(num_samples: int, steps: int) -> int:
 
 
 def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: TeacherTargets, steps: int,
-            lr: float, rank: int, seed: int) -> DistillResult:
+            lr: float, rank: int, seed: int, bfloat16: bool = False) -> DistillResult:
     """`steps` AdamW steps (cosine-decayed learning rate, clipped gradients) of low-rank updates, one
-    sample per step in order (cycling), towards the teacher's `targets` for `samples` [N, T]. The
-    updates are merged into `model` if they lowered the KL on the first samples, else dropped."""
+    sample per step in order (cycling), towards the teacher's `targets` for `samples` [N, T]; with
+    `bfloat16`, the decoder's passes under bfloat16 autocast (the logits, the loss and the check stay
+    float32). The updates are merged into `model` if they lowered the KL on the first samples, else
+    dropped."""
     device = next(model.parameters()).device
     model.requires_grad_(False)
     check = range(min(CHECK_SAMPLES, len(samples)))
@@ -144,11 +150,12 @@ def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
             total = []
 
             def chunk_loss(hidden: torch.Tensor, span: slice) -> torch.Tensor:
-                loss = top_k_kl(model.lm_head(hidden), log_probs[:, span], tokens[:, span]) / sample.numel()
+                loss = top_k_kl(model.logits(hidden), log_probs[:, span], tokens[:, span]) / sample.numel()
                 total.append(float(loss.detach()))
                 return loss
 
-            backward_layer_by_layer(model, sample, lambda hidden: backward_in_chunks(hidden, chunk_loss))
+            with bfloat16_autocast(device, bfloat16):
+                backward_layer_by_layer(model, sample, lambda hidden: backward_in_chunks(hidden, chunk_loss))
             torch.nn.utils.clip_grad_norm_(updates.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -173,6 +180,6 @@ def mean_kl(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
     for index in indices:
         hidden = model.model(samples[index:index + 1].to(device))
         log_probs, tokens = targets.of(index, device)
-        total += sum(float(top_k_kl(model.lm_head(hidden[:, span]), log_probs[:, span], tokens[:, span]))
-                     for span in chunk_spans(hidden.shape[1]))
+        total += sum(float(top_k_kl(model.logits(hidden[:, span]), log_probs[:, span], tokens[:, span]))
+                     for span in chunk_spans(hidden.shape[1], FORWARD_CHUNK))
     return total / (len(indices) * samples.shape[1])

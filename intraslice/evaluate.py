@@ -73,9 +73,9 @@ def backward_in_chunks(hidden: torch.Tensor, chunk_loss: Callable[[torch.Tensor,
     hidden.backward(detached.grad)
 
 
-def chunk_spans(length: int) -> list[slice]:
-    """Consecutive spans of at most LOSS_CHUNK positions covering `length`."""
-    return [slice(start, start + LOSS_CHUNK) for start in range(0, length, LOSS_CHUNK)]
+def chunk_spans(length: int, size: int = LOSS_CHUNK) -> list[slice]:
+    """Consecutive spans of at most `size` positions covering `length`."""
+    return [slice(start, start + size) for start in range(0, length, size)]
 
 
 def backward_layer_by_layer(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor,

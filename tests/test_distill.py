@@ -95,7 +95,8 @@ def sharpened(folder):
     return model
 
 
-def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa):
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa, bfloat16):
     teacher = sharpened(tiny_gqa)
     samples = torch.randint(0, 300, (4, 32))
     targets = teacher_targets(teacher, samples, k=16)
@@ -113,21 +114,51 @@ def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa):
     diverged = distill(student, samples, targets, steps=8, lr=1.0, rank=4, seed=0)
     assert not diverged.kept and diverged.kl_after > diverged.kl_before
     assert all(torch.equal(p, before[name]) for name, p in student.named_parameters())  # dropped
-    result = distill(student, samples, targets, steps=40, lr=3e-3, rank=4, seed=0)
+    result = distill(student, samples, targets, steps=40, lr=3e-3, rank=4, seed=0, bfloat16=bfloat16)
     assert result.kept and result.kl_after < 0.1 * result.kl_before
     assert {name: p.shape for name, p in student.named_parameters()} == shapes
     assert not any(p.requires_grad for p in student.parameters())
     assert not any(module._forward_hooks for module in student.modules())
 
 
+def test_logits_stay_exact_under_bfloat16_autocast(tiny_gqa):
+    """Autocast may take the decoder's matmuls to bfloat16, never the head: a bfloat16 logit near 20 is
+    off by up to 0.06."""
+    from intraslice.precision import bfloat16_autocast
+
+    model = load_reference_model(tiny_gqa)
+    ids = torch.randint(0, 300, (2, 16))
+    hidden = model.model(ids).detach() * 50  # logits in the tens
+    exact = model.lm_head(hidden)
+    with bfloat16_autocast(hidden.device, True):
+        logits = model.logits(hidden)
+        rounded = model.lm_head(hidden)  # the head left to autocast
+        decoder_out = model.model(ids)
+    assert logits.dtype == torch.float32 and torch.equal(logits, exact)
+    assert rounded.dtype == torch.bfloat16 and (rounded.float() - exact).abs().max() > 1e-2
+    assert decoder_out.dtype == torch.float32  # the residual stream stays float32 between bfloat16 matmuls
+
+
+def test_autocast_choices():
+    from intraslice.precision import fast_bfloat16, use_bfloat16
+
+    cpu = torch.device("cpu")
+    assert use_bfloat16("bfloat16", cpu) and not use_bfloat16("off", cpu)
+    assert use_bfloat16("auto", cpu) == fast_bfloat16(cpu)
+    assert not fast_bfloat16(torch.device("meta"))
+
+
 def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp, tmp_path):
     # random starts only, as before the openings became the default: on this random tiny model the
     # openings' pieces left the held-out KL above the undistilled one (0.0640 against 0.0625)
+    from intraslice.precision import fast_bfloat16
+
     options = dict(ratio=0.4, opening_share=0.0, **{**FAST, "samples": 8, "allocation_samples": 4, "distill_steps": 32})
     plain = compress(tiny_sharp, tmp_path / "plain", CompressOptions(**{**options, "distill_steps": 0}))
     distilled = compress(tiny_sharp, tmp_path / "distilled",
                          CompressOptions(distill_lr=1e-4, distill_rank=4, **options))
     assert plain["distillation"] is None and "distillation" not in plain["stages"]
+    assert distilled["bfloat16_autocast"] == fast_bfloat16(torch.device("cpu"))  # --autocast auto
     assert distilled["layers"] == plain["layers"]
     report = distilled["distillation"]
     assert report["kept"] and report["kl_after"] < report["kl_before"]
