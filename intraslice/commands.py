@@ -151,8 +151,9 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
     p.add_argument("--autocast", choices=AUTOCAST_CHOICES, default=defaults.autocast,
                    help="bfloat16 autocast for the distillation's decoder passes (statistics, least squares, "
-                        "the dense model's targets and all logits stay exact; the same perplexities to 0.05%%, "
-                        "a quarter faster per step on 2 AVX512-BF16 cores); auto: where the device multiplies "
+                        "the dense model's targets and all logits stay exact; on the example model the same "
+                        "perplexities to 0.06%%, 15%% less distillation time on 2 AVX512-BF16 cores); auto: "
+                        "where the device multiplies "
                         "bfloat16 natively (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on) "
                         f"(default: {defaults.autocast})")
     p.add_argument("--pop-skip", default=None, metavar="auto|N",

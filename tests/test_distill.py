@@ -121,6 +121,19 @@ def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa, bfloat16):
     assert not any(module._forward_hooks for module in student.modules())
 
 
+@pytest.mark.parametrize("bfloat16", [False, True])
+def test_distillation_trains_in_bfloat16_and_checks_in_float32(tiny_gqa, bfloat16):
+    model = sharpened(tiny_gqa)
+    samples = torch.randint(0, 300, (2, 16))
+    targets = teacher_targets(model, samples, k=16)
+    seen = {True: set(), False: set()}  # output dtypes of a decoder linear, with and without gradients
+    model.model.layers[0].mlp.up_proj.register_forward_hook(
+        lambda _module, _args, output: seen[torch.is_grad_enabled()].add(output.dtype))
+    distill(model, samples, targets, steps=1, lr=1e-3, rank=2, seed=0, bfloat16=bfloat16)
+    assert seen[True] == {torch.bfloat16 if bfloat16 else torch.float32}
+    assert torch.float32 in seen[False]  # the check before and after the steps
+
+
 def test_logits_stay_exact_under_bfloat16_autocast(tiny_gqa):
     """Autocast may take the decoder's matmuls to bfloat16, never the head: a bfloat16 logit near 20 is
     off by up to 0.06."""
