@@ -153,9 +153,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="bfloat16 autocast for the distillation's decoder passes (statistics, least squares, "
                         "the dense model's targets and all logits stay exact; on the example model the same "
                         "perplexities to 0.06%%, 15%% less distillation time on 2 AVX512-BF16 cores); auto: "
-                        "where the device multiplies "
-                        "bfloat16 natively (CPUs with AVX512-BF16 or AMX, GPUs from Ampere on) "
-                        f"(default: {defaults.autocast})")
+                        "where the device multiplies bfloat16 natively (CPUs with AVX512-BF16 or AMX, GPUs "
+                        f"from Ampere on) (default: {defaults.autocast})")
     p.add_argument("--pop-skip", default=None, metavar="auto|N",
                    help="also choose a prefill-only skip set (POP) of N layers, or auto, on the first --text "
                         "source (default: off)")

@@ -296,8 +296,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                        "mlp_ratio": budgets.mlp_ratio},
         "distillation": None if distilled is None else {
             "steps": options.distill_steps, "lr": options.distill_lr, "rank": options.distill_rank,
-            **asdict(distilled)},
-        "bfloat16_autocast": bfloat16(options),
+            "bfloat16_autocast": bfloat16(options), **asdict(distilled)},
         "layers": [d.to_json() for d in dims],
         "pop_skip_layers": pop_skip,
         "stages": log.stages,

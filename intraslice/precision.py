@@ -4,8 +4,9 @@ eigendecompositions (float64), the Fisher scores, the teacher's targets, the log
 (`IntraSliceLlamaForCausalLM.logits`), the loss, the keep-or-drop check and the perplexities (float32).
 
 Measured on the example model (docs/results.md): the bfloat16 distillation gave the same held-out
-perplexities as float32 to 0.06% in 15% less time. Sampling calibration text from the dense model is left in float32 on
-purpose: under bfloat16 it drew text that cost the pruned model 4% on the King James Bible at R = 0.3.
+perplexities as float32 to 0.06% in 15% less time. Sampling calibration text from the dense model is
+left in float32 on purpose: under bfloat16 it drew text that cost the pruned model 4% on the King
+James Bible at R = 0.3.
 """
 from __future__ import annotations
 
