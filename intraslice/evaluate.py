@@ -47,7 +47,8 @@ def assemble_model(config: LlamaConfig, weights: CheckpointWeights,
     return model.to(device).eval()
 
 
-LOSS_CHUNK = 32  # positions whose logits exist at once (0.8 MB each with gradients, for a 49k vocabulary)
+LOSS_CHUNK = 128  # positions whose logits exist at once: 25 MB each way for a 49k vocabulary; 32 took a
+# distillation step 0.3 s longer (the head streamed from memory 4x as often)
 
 
 def next_token_nll(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor) -> torch.Tensor:
