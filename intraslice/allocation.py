@@ -76,6 +76,8 @@ class FisherStats:
     head_grad_outer: torch.Tensor  # [groups, L, H, dh, dh]: per head, sum_t x_t^T dL/dx_t at the o_proj input
     head_cov: torch.Tensor          # [L, H, dh, dh]: per-head blocks of the o_proj input covariance
     neuron_grad: torch.Tensor       # [groups, L, I]: sum_t a_tj dL/da_tj at the down_proj input
+    final_hidden: torch.Tensor      # [N, T, d]: the model's final normed hidden states of the samples, computed
+                                    # on the way; the distillation's targets reuse them
 
 
 def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str, seed: int = 0) -> FisherStats:
@@ -91,7 +93,8 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str,
     groups = -(-tokens.shape[0] // group_size)
     stats = FisherStats(torch.zeros(groups, L, H, dh, dh, dtype=torch.float64),
                         torch.zeros(L, H, dh, dh, dtype=torch.float64),
-                        torch.zeros(groups, L, I, dtype=torch.float64))
+                        torch.zeros(groups, L, I, dtype=torch.float64),
+                        torch.empty(*tokens.shape, config.hidden_size))
     current = {"group": 0}
 
     def head_hook(index):
@@ -138,7 +141,7 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str,
                     backward_sampled_nll(model, hidden, generator)
                 else:
                     backward_mean_nll(model, hidden, sample)
-            backward_layer_by_layer(model, sample, backward_loss)
+            stats.final_hidden[sample_index] = backward_layer_by_layer(model, sample, backward_loss)[0].float().cpu()
             release_free_memory()
     finally:
         for handle in handles:

@@ -143,7 +143,8 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
                                           options.group_size, options.fisher_labels, options.seed)
         if needs_teacher:
             with log.stage("distillation targets"):
-                teacher = teacher_targets(dense, calibration[:samples_used(len(calibration), options.distill_steps)])
+                teacher = teacher_targets(dense, calibration[:samples_used(len(calibration), options.distill_steps)],
+                                          known_hidden=None if stats is None else stats.final_hidden)
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, evaluation, budgets, dense_ppl, teacher

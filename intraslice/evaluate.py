@@ -80,25 +80,28 @@ def chunk_spans(length: int, size: int = LOSS_CHUNK) -> list[slice]:
 
 
 def backward_layer_by_layer(model: IntraSliceLlamaForCausalLM, ids: torch.Tensor,
-                            backward_head: Callable[[torch.Tensor], None]) -> None:
+                            backward_head: Callable[[torch.Tensor], None]) -> torch.Tensor:
     """Gradients of a loss on the final normed hidden states of `ids` [B, T] (`backward_head` back-
     propagates it), checkpointed by hand: a forward without gradients keeps only each decoder layer's
     input, then each layer is re-run with gradients, from the last to the first. Only one layer's
     activations exist at once, and every layer's come and go in the same sizes, so the heap reuses them
     (transformers' per-layer checkpointing interleaves saved inputs with freed activations, and glibc's
-    heap grew by up to 0.9 GB in one sample's pass). The embeddings get no gradient."""
+    heap grew by up to 0.9 GB in one sample's pass). The embeddings get no gradient. Returns the final
+    normed hidden states (detached), the model's output on the way."""
     positions = positions_for(ids)
     with torch.no_grad():
         inputs = [model.model.embed_tokens(ids)]
         for layer in model.model.layers:
             inputs.append(layer(inputs[-1], positions, None, None))
     h = inputs.pop().requires_grad_(True)
-    backward_head(model.model.norm(h))
+    output = model.model.norm(h)
+    backward_head(output)
     grad = h.grad
     for layer in reversed(model.model.layers):
         x = inputs.pop().requires_grad_(True)
         layer(x, positions, None, None).backward(grad)
         grad = x.grad
+    return output.detach()
 
 
 def chunk_nll(lm_head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

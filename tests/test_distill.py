@@ -50,6 +50,21 @@ def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_
     assert abs(top_k_kl(teacher, top.values, top.indices)) < 1e-5
 
 
+def test_teacher_targets_reuse_the_fisher_pass_hidden_states_exactly(tiny_gqa):
+    from intraslice.allocation import fisher_statistics
+
+    model = sharpened(tiny_gqa)
+    samples = torch.randint(0, 300, (5, 24))
+    stats = fisher_statistics(model, samples[:3], group_size=2, labels="sampled")
+    reused = teacher_targets(model, samples, k=8, known_hidden=stats.final_hidden)
+    fresh = teacher_targets(model, samples, k=8)
+    assert torch.equal(reused.tokens, fresh.tokens)
+    assert torch.equal(reused.log_probs, fresh.log_probs)
+    wrong = teacher_targets(model, samples, k=8, known_hidden=torch.zeros_like(stats.final_hidden))
+    assert not torch.allclose(wrong.log_probs[:3], fresh.log_probs[:3])  # the known states are used
+    assert torch.equal(wrong.log_probs[3:], fresh.log_probs[3:])
+
+
 def test_low_rank_updates_merge_into_the_same_model(tiny_gqa):
     model = load_reference_model(tiny_gqa)
     ids = torch.randint(0, 300, (1, 24))
