@@ -137,7 +137,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--distill-steps", type=int, default=defaults.distill_steps,
                    help="after compression, steps of self-distillation towards the dense model's next-token "
                         "distributions, one calibration sample per step, cycling (low-rank updates merged into "
-                        "the weights; 3-4 s per 512-token step for the example model on 2 cores); more samples "
+                        "the weights; 2.5-3.5 s per 512-token step for the example model on 2 cores); more samples "
                         "and steps (e.g. --samples 96 --distill-steps 96) help most on text like the calibration "
                         f"text; fewer save time; 0 skips it (default: {defaults.distill_steps})")
     p.add_argument("--distill-lr", type=float, default=defaults.distill_lr,
