@@ -63,20 +63,16 @@ class CompressOptions:
 def validate(options: CompressOptions) -> None:
     if not 0 <= options.ratio <= MAX_RATIO:
         raise UserError(f"--ratio {options.ratio} is out of range; it must be between 0 and {MAX_RATIO}")
-    if options.allocation not in ALLOCATION_METHODS:
-        raise UserError(f"--allocation {options.allocation!r}: choose one of {', '.join(ALLOCATION_METHODS)}")
-    if options.fisher_labels not in FISHER_LABELS:
-        raise UserError(f"--fisher-labels {options.fisher_labels!r}: choose one of {', '.join(FISHER_LABELS)}")
+    for flag, value, choices in (("--allocation", options.allocation, ALLOCATION_METHODS),
+                                 ("--fisher-labels", options.fisher_labels, FISHER_LABELS),
+                                 ("--shape-selection", options.shape_selection, SHAPE_SELECTIONS),
+                                 ("--mlp-selection", options.mlp_selection, MLP_SELECTIONS),
+                                 ("--autocast", options.autocast, AUTOCAST_CHOICES),
+                                 ("--target", options.target, TARGETS)):
+        if value not in choices:
+            raise UserError(f"{flag} {value!r}: choose one of {', '.join(choices)}")
     if options.pop_skip not in (None, "auto") and not str(options.pop_skip).isdigit():
         raise UserError(f"--pop-skip {options.pop_skip!r}: give auto or a number of layers")
-    if options.shape_selection not in SHAPE_SELECTIONS:
-        raise UserError(f"--shape-selection {options.shape_selection!r}: choose one of {', '.join(SHAPE_SELECTIONS)}")
-    if options.mlp_selection not in MLP_SELECTIONS:
-        raise UserError(f"--mlp-selection {options.mlp_selection!r}: choose one of {', '.join(MLP_SELECTIONS)}")
-    if options.autocast not in AUTOCAST_CHOICES:
-        raise UserError(f"--autocast {options.autocast!r}: choose one of {', '.join(AUTOCAST_CHOICES)}")
-    if options.target not in TARGETS:
-        raise UserError(f"--target {options.target!r}: choose one of {', '.join(TARGETS)}")
     if options.tp_size < 1 or options.mlp_multiple < 1 or options.batch_size < 1 or options.group_size < 1:
         raise UserError("--tp-size, --mlp-multiple, --batch-size and --group-size must be >= 1")
     if any(d < 2 or d % 2 for d in options.head_dims):
