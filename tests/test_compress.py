@@ -517,6 +517,20 @@ def test_bad_inputs_fail_with_one_line_and_leave_nothing(tiny_model, tmp_path, c
     assert {folder: digest(folder) for folder in before} == before
 
 
+@pytest.mark.parametrize("field, flag", [("allocation", "--allocation"), ("fisher_labels", "--fisher-labels"),
+                                         ("shape_selection", "--shape-selection"),
+                                         ("mlp_selection", "--mlp-selection"), ("autocast", "--autocast"),
+                                         ("target", "--target")])
+def test_options_outside_their_choices_are_refused_through_the_python_api(field, flag):
+    """The CLI's argparse choices stop these first; `compress()` called from Python must refuse them too."""
+    from intraslice.compress_options import validate
+    from intraslice.io import UserError
+
+    with pytest.raises(UserError, match=rf"^{flag} 'nonsense': choose one of \S+"):
+        validate(CompressOptions(ratio=0.2, **{field: "nonsense"}))
+    validate(CompressOptions(ratio=0.2))
+
+
 @pytest.fixture(scope="module")
 def example_pruned(example_model_dir, tmp_path_factory) -> tuple[Path, dict]:
     """The example model at R = 0.3 with a small calibration set (quality is the benchmark's job),
