@@ -141,7 +141,7 @@ def fisher_statistics(model, tokens: torch.Tensor, group_size: int, labels: str,
                     backward_sampled_nll(model, hidden, generator)
                 else:
                     backward_mean_nll(model, hidden, sample)
-            stats.final_hidden[sample_index] = backward_layer_by_layer(model, sample, backward_loss)[0].float().cpu()
+            stats.final_hidden[sample_index] = backward_layer_by_layer(model, sample, backward_loss)[0].cpu()
             release_free_memory()
     finally:
         for handle in handles:
