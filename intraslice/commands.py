@@ -26,7 +26,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
             compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target,
             shape_selection=args.shape_selection, mlp_selection=args.mlp_selection, distill_steps=args.distill_steps,
-            distill_lr=args.distill_lr, distill_rank=args.distill_rank, eval_samples=args.eval_samples,
+            distill_lr=args.distill_lr, distill_rank=args.distill_rank,
+            distill_text_weight=args.distill_text_weight, eval_samples=args.eval_samples,
             batch_size=args.batch_size, device=args.device, autocast=args.autocast, pop_skip=args.pop_skip,
             overwrite=args.overwrite)
         report = compress(args.model_dir, args.out_dir, options)
@@ -36,7 +37,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
               f"B/token (dense {report['kv_cache_bytes_per_token']['dense']})"
               + (f"; held-out perplexity {ppl['dense']:.3f} -> {ppl['pruned']:.3f}" if ppl["pruned"] else ""))
         if (distilled := report["distillation"]) is not None:
-            print(f"distillation: KL to the dense model {distilled['kl_before']:.4f} -> {distilled['kl_after']:.4f}"
+            print(f"distillation: loss {distilled['loss_before']:.4f} -> {distilled['loss_after']:.4f} (KL to the "
+                  f"dense model {distilled['kl_before']:.4f} -> {distilled['kl_after']:.4f})"
                   + ("" if distilled["kept"] else " (no better: the updates were dropped; try a lower --distill-lr)"))
 
     from intraslice.compress_options import (ALLOCATION_METHODS, AUTOCAST_CHOICES, FISHER_LABELS, MLP_SELECTIONS,
@@ -144,6 +146,11 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help=f"learning rate of the distillation (default: {defaults.distill_lr:g})")
     p.add_argument("--distill-rank", type=int, default=defaults.distill_rank,
                    help=f"rank of the distillation's low-rank updates (default: {defaults.distill_rank})")
+    p.add_argument("--distill-text-weight", type=float, default=defaults.distill_text_weight,
+                   help="weight of the calibration text's own next tokens in the distillation's loss, on its "
+                        "windows: their NLL x this is added to the KL towards the dense model (the model's own "
+                        "samples have the KL alone); 0: the dense model's distributions alone "
+                        f"(default: {defaults.distill_text_weight:g})")
     p.add_argument("--eval-samples", type=int, default=defaults.eval_samples,
                    help=f"held-out samples for the report's perplexity; 0 skips it (default: {defaults.eval_samples})")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size,

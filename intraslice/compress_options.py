@@ -51,6 +51,7 @@ class CompressOptions:
     distill_steps: int = 64  # one per calibration sample (intraslice.distill); 32: pydoc 1.5% worse at R = 0.2; 0: none
     distill_lr: float = 2e-3
     distill_rank: int = 16
+    distill_text_weight: float = 0.5  # the text windows' own next tokens in the distillation's loss; 0: the KL alone
     eval_samples: int = 16
     batch_size: int = 4
     device: str = "cpu"
@@ -91,6 +92,8 @@ def validate(options: CompressOptions) -> None:
     if options.distill_steps < 0 or options.distill_rank < 1 or not options.distill_lr > 0:
         raise UserError(f"--distill-steps must be >= 0, --distill-rank >= 1 and --distill-lr > 0 (got "
                         f"{options.distill_steps}, {options.distill_rank}, {options.distill_lr})")
+    if not options.distill_text_weight >= 0:
+        raise UserError(f"--distill-text-weight {options.distill_text_weight} must be >= 0")
     if not options.texts:
         raise UserError("give at least one --text source")
     if len(set(options.texts)) < len(options.texts):

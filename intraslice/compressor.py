@@ -77,8 +77,8 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     split_removal(config, options.ratio, options.attention_share)  # an impossible split fails before the work
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     log = StageLog()
-    calibration, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(config, weights, tokenizer,
-                                                                                  options, log)
+    calibration, text_rows, evaluation, budgets, dense_ppl, teacher = calibrate_and_allocate(
+        config, weights, tokenizer, options, log)
     source_config = llama_layout(json.loads((model_dir / "config.json").read_text()))
     with log.stage("compression"):
         dims, tensors = compress_layers(config, weights, calibration, budgets, options)
@@ -86,8 +86,10 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
     distilled = None
     if teacher is not None:
         with log.stage("distillation"):
-            distilled = distill(model, calibration[:len(teacher.log_probs)], teacher, options.distill_steps,
-                                options.distill_lr, options.distill_rank, options.seed, bfloat16(options))
+            used = len(teacher.log_probs)
+            distilled = distill(model, calibration[:used], teacher, options.distill_steps, options.distill_lr,
+                                options.distill_rank, options.seed, bfloat16(options), text_rows[:used],
+                                options.distill_text_weight)
     with log.stage("evaluation"):
         pruned_ppl = perplexity(model, evaluation, desc="perplexity (pruned)") if evaluation is not None else None
     pop_skip = []
@@ -104,11 +106,11 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
 
 
 def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, options: CompressOptions, log: StageLog
-                           ) -> tuple[torch.Tensor, torch.Tensor | None, LayerBudgets, float | None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, LayerBudgets, float | None,
                                       TeacherTargets | None]:
-    """Calibration samples (text windows, plus samples and statements drawn from the dense model), held-out
-    evaluation samples, per-layer budgets, the dense perplexity, and the dense model's next-token
-    targets for the distillation, from one load of the dense model."""
+    """Calibration samples (text windows, plus samples and statements drawn from the dense model) and
+    which of them are text, held-out evaluation samples, per-layer budgets, the dense perplexity, and
+    the dense model's next-token targets for the distillation, from one load of the dense model."""
     generated, from_openings, statements = generated_samples(options)
     with log.stage("calibration data"):
         windows = options.samples - generated - statements
@@ -118,6 +120,7 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
         evaluation = (load_mixed_samples(tokenizer, options.texts, options.text_shares, options.eval_samples,
                                          options.seq_len, options.seed, "evaluation", options.text_field)
                       if options.eval_samples else None)
+    text_rows = torch.ones(len(calibration), dtype=torch.bool)
     dense_ppl, stats, teacher = None, None, None
     needs_fisher = options.allocation != "uniform" and options.ratio > 0
     needs_teacher = options.distill_steps > 0 and options.ratio > 0
@@ -133,7 +136,7 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
                                                       register_openings(tokenizer)))
                 if statements:
                     drawn.append(statement_windows(dense, tokenizer, statements, options.seq_len, options.seed))
-                calibration = interleave(calibration, torch.cat(drawn), options.seed)
+                calibration, text_rows = interleave(calibration, torch.cat(drawn), options.seed)
         if evaluation is not None:
             with log.stage("evaluation (dense)"):
                 dense_ppl = perplexity(dense, evaluation, desc="perplexity (dense)")
@@ -147,7 +150,7 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
                                           known_hidden=None if stats is None else stats.final_hidden)
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
-    return calibration, evaluation, budgets, dense_ppl, teacher
+    return calibration, text_rows, evaluation, budgets, dense_ppl, teacher
 
 
 def bfloat16(options: CompressOptions) -> bool:
@@ -165,11 +168,13 @@ def generated_samples(options: CompressOptions) -> tuple[int, int, int]:
             min(round(options.samples * options.knowledge_fraction), options.samples - generated))
 
 
-def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> torch.Tensor:
+def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Real and generated samples in one seeded random order, so that any prefix (the Fisher samples,
-    the attention-shape probe) holds both kinds."""
+    the attention-shape probe) holds both kinds; and which of them are real text."""
     samples = torch.cat([text, generated])
-    return samples[torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))]
+    is_text = torch.arange(len(samples)) < len(text)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(seed))
+    return samples[order], is_text[order]
 
 
 @torch.no_grad()
@@ -297,6 +302,7 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                        "mlp_ratio": budgets.mlp_ratio},
         "distillation": None if distilled is None else {
             "steps": options.distill_steps, "lr": options.distill_lr, "rank": options.distill_rank,
+            "text_weight": options.distill_text_weight,
             "bfloat16_autocast": bfloat16(options), **asdict(distilled)},
         "layers": [d.to_json() for d in dims],
         "pop_skip_layers": pop_skip,

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 from intraslice.compress_options import CompressOptions
 from intraslice.compressor import compress
 from intraslice.data import load_token_samples
-from intraslice.distill import LowRankUpdates, distill, teacher_targets, top_k_kl
+from intraslice.distill import LowRankUpdates, chunk_losses, distill, teacher_targets, top_k_kl
 from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, load_reference_model
 from test_compress import FAST, build_tiny_llama
 
@@ -41,13 +41,27 @@ def test_top_k_kl_is_the_full_kl_when_k_covers_the_vocabulary_and_a_lower_bound_
     torch.manual_seed(0)
     teacher, student = torch.randn(2, 5, 50), torch.randn(2, 5, 50)
     log_p = F.log_softmax(teacher, -1)
-    full = F.kl_div(F.log_softmax(student, -1), log_p, log_target=True, reduction="sum")
+    log_q = F.log_softmax(student, -1)
+    full = F.kl_div(log_q, log_p, log_target=True, reduction="sum")
     everything = log_p.topk(50, -1)
-    assert torch.allclose(top_k_kl(student, everything.values, everything.indices), full, rtol=1e-5)
+    assert torch.allclose(top_k_kl(log_q, everything.values, everything.indices), full, rtol=1e-5)
     top = log_p.topk(8, -1)
-    coarse = top_k_kl(student, top.values, top.indices)
+    coarse = top_k_kl(log_q, top.values, top.indices)
     assert 0 < coarse < full  # merging outcomes never raises a KL divergence
-    assert abs(top_k_kl(teacher, top.values, top.indices)) < 1e-5
+    assert abs(top_k_kl(log_p, top.values, top.indices)) < 1e-5
+
+
+def test_chunk_losses_add_the_weighted_nll_of_the_samples_own_next_tokens():
+    torch.manual_seed(0)
+    sample = torch.randint(0, 50, (1, 10))
+    logits = torch.randn(1, 10, 50)
+    top = F.log_softmax(torch.randn(1, 10, 50), -1).topk(8, -1)
+    span = slice(4, 10)  # the last chunk: its last position has no next token
+    kl, loss = chunk_losses(logits[:, span], top.values, top.indices, sample, span, text_weight=0.5)
+    assert torch.allclose(kl, top_k_kl(F.log_softmax(logits[:, span], -1), top.values[:, span], top.indices[:, span]))
+    nll = F.cross_entropy(logits[0, 4:9], sample[0, 5:10], reduction="sum")
+    assert torch.allclose(loss, kl + 0.5 * nll)
+    assert torch.equal(chunk_losses(logits[:, span], top.values, top.indices, sample, span, 0.0)[1], kl)
 
 
 def test_teacher_targets_reuse_the_fisher_pass_hidden_states_exactly(tiny_gqa):
@@ -136,6 +150,40 @@ def test_distillation_lowers_the_kl_to_the_teacher(tiny_gqa, bfloat16):
     assert not any(module._forward_hooks for module in student.modules())
 
 
+def test_distillation_fits_the_text_windows_own_next_tokens_too(tiny_gqa):
+    teacher = sharpened(tiny_gqa)
+    samples = torch.randint(0, 300, (4, 32))
+    targets = teacher_targets(teacher, samples, k=16)
+    text_rows = torch.tensor([True, False, True, False])
+
+    def trained(rows: torch.Tensor | None, weight: float):
+        student = sharpened(tiny_gqa)
+        result = distill(student, samples, targets, steps=24, lr=3e-3, rank=4, seed=0, text_rows=rows,
+                         text_weight=weight)
+        with torch.no_grad():
+            logits = student(samples).logits
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), samples[:, 1:].flatten(), reduction="none").view(4, -1)
+        return result, logits, nll.mean(1)
+
+    kl_only, kl_logits, kl_nll = trained(None, 0.0)
+    assert kl_only.loss_before == kl_only.kl_before and kl_only.loss_after == kl_only.kl_after
+    unmarked, unmarked_logits, _ = trained(torch.zeros(4, dtype=torch.bool), 1.0)
+    assert torch.equal(unmarked_logits, kl_logits)  # the weight applies to text windows only
+    mixed, _, mixed_nll = trained(text_rows, 1.0)
+    assert mixed.kept and mixed.loss_before > mixed.kl_before  # the check counts the text's NLL too
+    assert mixed.loss_after < mixed.loss_before
+    assert (mixed_nll[text_rows] < kl_nll[text_rows] - 0.05).all()  # the text's own tokens were learnt
+
+
+def test_interleave_marks_the_text_rows():
+    from intraslice.compressor import interleave
+
+    text, generated = torch.zeros(5, 3, dtype=torch.long), torch.ones(7, 3, dtype=torch.long)
+    samples, is_text = interleave(text, generated, seed=0)
+    assert is_text.sum() == 5 and torch.equal(is_text, samples[:, 0] == 0)
+    assert not torch.equal(is_text, torch.arange(12) < 5)  # shuffled
+
+
 @pytest.mark.parametrize("bfloat16", [False, True])
 def test_distillation_trains_in_bfloat16_and_checks_in_float32(tiny_gqa, bfloat16):
     model = sharpened(tiny_gqa)
@@ -183,13 +231,15 @@ def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp,
 
     options = dict(ratio=0.4, opening_share=0.0, **{**FAST, "samples": 8, "allocation_samples": 4, "distill_steps": 32})
     plain = compress(tiny_sharp, tmp_path / "plain", CompressOptions(**{**options, "distill_steps": 0}))
+    # the KL alone: on a random model the text's own tokens pull away from dense (checked below)
     distilled = compress(tiny_sharp, tmp_path / "distilled",
-                         CompressOptions(distill_lr=1e-4, distill_rank=4, **options))
+                         CompressOptions(distill_lr=1e-4, distill_rank=4, distill_text_weight=0.0, **options))
     assert plain["distillation"] is None and "distillation" not in plain["stages"]
     assert distilled["layers"] == plain["layers"]
     report = distilled["distillation"]
     assert report["bfloat16_autocast"] == fast_bfloat16(torch.device("cpu"))  # --autocast auto
     assert report["kept"] and report["kl_after"] < report["kl_before"]
+    assert report["text_weight"] == 0.0 and report["loss_after"] == report["kl_after"]
     assert distilled["perplexity"]["pruned"] != plain["perplexity"]["pruned"]
     tokenizer = AutoTokenizer.from_pretrained(tiny_sharp)  # held-out text: the KL falls beyond the calibration
     samples = load_token_samples(tokenizer, None, 2, 64, 0, "evaluation")
@@ -201,6 +251,11 @@ def test_compressor_distillation_is_reported_and_moves_towards_dense(tiny_sharp,
         return float(F.kl_div(F.log_softmax(logits, -1), dense, log_target=True, reduction="batchmean"))
 
     assert kl(tmp_path / "distilled") < kl(tmp_path / "plain")
+    # by default the text windows' own next tokens count too: held-out text of their kind is predicted better
+    text_fitted = compress(tiny_sharp, tmp_path / "text", CompressOptions(distill_lr=1e-4, distill_rank=4, **options))
+    report = text_fitted["distillation"]
+    assert report["text_weight"] == 0.5 and report["kept"] and report["loss_before"] > report["kl_before"]
+    assert text_fitted["perplexity"]["pruned"] < distilled["perplexity"]["pruned"]
 
 
 def test_cli_prints_the_distillation(tiny_gqa, tmp_path, capsys):
@@ -210,4 +265,4 @@ def test_cli_prints_the_distillation(tiny_gqa, tmp_path, capsys):
                  "--seq-len", "64", "--allocation-samples", "4", "--eval-samples", "0", "--distill-steps", "4",
                  "--distill-lr", "1e-5"])
     out = capsys.readouterr().out
-    assert code == 0 and "distillation: KL to the dense model" in out, out
+    assert code == 0 and "distillation: loss" in out and "KL to the dense model" in out, out
