@@ -142,7 +142,7 @@ class DistillResult:
     kept: bool          # the updates are merged only if they lowered the loss
 
 
-CHECK_SAMPLES = 8  # calibration samples on which the KL is compared before and after
+CHECK_SAMPLES = 8  # calibration samples on which the loss is compared before and after
 
 
 def samples_used(num_samples: int, steps: int) -> int:
