@@ -4,7 +4,8 @@
     between attention and MLPs (`--attention-share`), per-layer ratios (global estimator) ─► layer by
     layer, on the already compressed upstream: attention (heads, RoPE pairs, block-intra PCA, least
     squares) then MLP (channel selection, least squares) ─► a short self-distillation of the whole
-    pruned model towards the dense one (`--distill-steps`) ─► export (a physically smaller checkpoint)
+    pruned model towards the dense one and, on the text windows, the text's own next tokens
+    (`--distill-steps`, `--distill-text-weight`) ─► export (a physically smaller checkpoint)
     + report
 
 Memory: the ratio estimator needs gradients through the whole dense model (one copy); compression then
