@@ -21,8 +21,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             text_shares=tuple(args.text_shares or ()), text_field=args.text_field,
             samples=args.samples, generated_fraction=args.generated_fraction, opening_share=args.opening_share,
             knowledge_fraction=args.knowledge_fraction, seq_len=args.seq_len, seed=args.seed,
-            allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels,
-            fisher_inputs=args.fisher_inputs, group_size=args.group_size,
+            allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels, group_size=args.group_size,
             global_frac=args.global_frac, attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
             compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target,
@@ -42,9 +41,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                   f"dense model {distilled['kl_before']:.4f} -> {distilled['kl_after']:.4f})"
                   + ("" if distilled["kept"] else " (no better: the updates were dropped; try a lower --distill-lr)"))
 
-    from intraslice.compress_options import (ALLOCATION_METHODS, AUTOCAST_CHOICES, FISHER_INPUTS, FISHER_LABELS,
-                                            MLP_SELECTIONS, SHAPE_SELECTIONS, TARGETS, VLLM_HEAD_DIMS,
-                                            CompressOptions)
+    from intraslice.compress_options import (ALLOCATION_METHODS, AUTOCAST_CHOICES, FISHER_LABELS, MLP_SELECTIONS,
+                                            SHAPE_SELECTIONS, TARGETS, VLLM_HEAD_DIMS, CompressOptions)
 
     defaults = CompressOptions(ratio=0.0)
     p = sub.add_parser(
@@ -104,13 +102,6 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         "average in the paired runs of docs/results.md) or the calibration text's (text, the paper's "
                         "empirical Fisher) "
                         f"(default: {defaults.fisher_labels})")
-    p.add_argument("--fisher-inputs", choices=FISHER_INPUTS, default=defaults.fisher_inputs,
-                   help="samples of the Fisher pass that sets the per-layer ratios: the dense model's own samples "
-                        "and statements first (generated: how much each layer shapes what the model says in "
-                        "general, which kept unseen older prose 1.4-1.6%% better in docs/results.md), or the first "
-                        "--allocation-samples of the calibration, --text windows and samples mixed (calibration: "
-                        "widths tuned to your text as well; the channels, folds and distillation see it either "
-                        f"way) (default: {defaults.fisher_inputs})")
     p.add_argument("--group-size", type=int, default=defaults.group_size,
                    help=f"samples whose gradients are summed before squaring (default: {defaults.group_size})")
     p.add_argument("--global-frac", type=int, default=defaults.global_frac,

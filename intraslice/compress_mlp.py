@@ -39,15 +39,13 @@ def mlp_width(budget: float, hidden: int, intermediate: int, multiple: int) -> i
 @torch.no_grad()
 def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compensate: bool = True,
                  targets: list[torch.Tensor] | None = None, selection: str = "score",
-                 ridge: float = MLP_RIDGE) -> tuple[MLP, list[torch.Tensor]]:
-    """A physically smaller `MLP` with `width` channels, for normed layer inputs `inputs`, and its
-    outputs on them (from the dense activations already computed: the kept channels' are the same).
+                 ridge: float = MLP_RIDGE) -> MLP:
+    """A physically smaller `MLP` with `width` channels, for normed layer inputs `inputs`.
     `targets`: what the down_proj output (without bias) should be, per batch; by default the
     layer's own unpruned output (the paper's reconstruction of the dropped channels)."""
-    activations = [activation(mlp, x) for x in inputs]
     cov = Covariance()
-    for a in activations:
-        cov.add(a)
+    for x in inputs:
+        cov.add(activation(mlp, x))
     down = mlp.down_proj.weight.double()
     kept = (obs_channels(cov.sum, down, width, ridge) if selection == "obs"
             else (cov.sum.diagonal() * down.pow(2).sum(0)).argsort(descending=True)[:width].sort().values)
@@ -60,8 +58,8 @@ def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compe
         new_down = new_down + down[:, dropped] @ q_t.T
     elif compensate and len(dropped):
         cross = Covariance()
-        for a, target in zip(activations, targets):
-            cross.add(a[..., kept], target)
+        for x, target in zip(inputs, targets):
+            cross.add(activation(mlp, x)[..., kept], target)
         new_down = least_squares(cov.sum[kept][:, kept], cross.sum, ridge).T
     new = MLP(config, width)
     new.gate_proj.weight.copy_(mlp.gate_proj.weight[kept])
@@ -71,8 +69,7 @@ def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compe
         new.gate_proj.bias.copy_(mlp.gate_proj.bias[kept])
         new.up_proj.bias.copy_(mlp.up_proj.bias[kept])
         new.down_proj.bias.copy_(mlp.down_proj.bias)
-    new = new.to(down.device)
-    return new, [new.down_proj(a[..., kept]) for a in activations]
+    return new.to(down.device)
 
 
 def obs_channels(gram: torch.Tensor, weight: torch.Tensor, width: int, ridge: float = MLP_RIDGE,

@@ -9,7 +9,6 @@ from intraslice.io import UserError
 
 ALLOCATION_METHODS = ("global-pca", "global", "uniform")
 FISHER_LABELS = ("sampled", "text")  # Fisher scores: next tokens drawn from the model (true Fisher), or the text's
-FISHER_INPUTS = ("generated", "calibration")  # Fisher samples: the model's own first, or the calibration's first
 SHAPE_SELECTIONS = ("error", "score")  # attention shape: lowest measured fit error, or the paper's score
 MLP_SELECTIONS = ("score", "obs")  # MLP channels: the paper's score, or greedy elimination seeing the fold
 AUTOCAST_CHOICES = ("auto", "bfloat16", "off")  # bfloat16 autocast where it is safe (intraslice.precision)
@@ -38,7 +37,6 @@ class CompressOptions:
     seed: int = 0
     allocation_samples: int = 16
     fisher_labels: str = "sampled"
-    fisher_inputs: str = "generated"  # the Fisher pass on the model's own samples: the Bible 1.4% better (docs/results.md)
     group_size: int = 4
     global_frac: int = 4
     attention_share: float | None = 0.0  # None: the paper's proportional split (see docs/results.md)
@@ -68,7 +66,6 @@ def validate(options: CompressOptions) -> None:
         raise UserError(f"--ratio {options.ratio} is out of range; it must be between 0 and {MAX_RATIO}")
     for flag, value, choices in (("--allocation", options.allocation, ALLOCATION_METHODS),
                                  ("--fisher-labels", options.fisher_labels, FISHER_LABELS),
-                                 ("--fisher-inputs", options.fisher_inputs, FISHER_INPUTS),
                                  ("--shape-selection", options.shape_selection, SHAPE_SELECTIONS),
                                  ("--mlp-selection", options.mlp_selection, MLP_SELECTIONS),
                                  ("--autocast", options.autocast, AUTOCAST_CHOICES),

@@ -143,13 +143,12 @@ def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, option
                 dense_ppl = perplexity(dense, evaluation, desc="perplexity (dense)")
         if needs_fisher:
             with log.stage("allocation"):
-                fisher = fisher_rows(text_rows, options.allocation_samples, options.fisher_inputs)
-                stats = fisher_statistics(dense, calibration[fisher].to(options.device), options.group_size,
-                                          options.fisher_labels, options.seed)
+                stats = fisher_statistics(dense, calibration[:options.allocation_samples].to(options.device),
+                                          options.group_size, options.fisher_labels, options.seed)
         if needs_teacher:
             with log.stage("distillation targets"):
                 teacher = teacher_targets(dense, calibration[:samples_used(len(calibration), options.distill_steps)],
-                                          known_hidden={} if stats is None else dict(zip(fisher, stats.final_hidden)))
+                                          known_hidden=None if stats is None else stats.final_hidden)
     method = options.allocation if stats is not None else "uniform"
     budgets = allocate(config, options.ratio, method, stats, options.global_frac, options.attention_share)
     return calibration, text_rows, evaluation, budgets, dense_ppl, teacher
@@ -168,18 +167,6 @@ def generated_samples(options: CompressOptions) -> tuple[int, int, int]:
     generated = round(options.samples * options.generated_fraction)
     return (generated, round(generated * options.opening_share),
             min(round(options.samples * options.knowledge_fraction), options.samples - generated))
-
-
-def fisher_rows(is_text: torch.Tensor, count: int, inputs: str) -> list[int]:
-    """The calibration rows of the Fisher pass (sorted): the first `count`, or with
-    `inputs="generated"` the model's own samples and statements first, text windows only to make up
-    the count. Scored on the model's own text, the allocation weighs each layer by how much it shapes
-    what the model says in general; the user's text still chooses the channels, fits the folds and
-    steers the distillation."""
-    rows = range(len(is_text))
-    if inputs == "generated":
-        rows = sorted(rows, key=lambda row: bool(is_text[row]))  # stable: calibration order within each kind
-    return sorted(rows[:count])
 
 
 def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,12 +220,12 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
             mlp_targets = [t - m - bias(layer.mlp.down_proj) for t, m in zip(teacher, mid)]
         width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)
         carry += budgets.mlp_params[index] - mlp_params(config.hidden_size, width)
-        layer.mlp, outputs = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid],
-                                          width, options.compensate, mlp_targets, options.mlp_selection,
-                                          options.mlp_ridge)
+        layer.mlp = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid], width,
+                                 options.compensate, mlp_targets, options.mlp_selection, options.mlp_ridge)
         layer.self_attn.dims = replace(a, intermediate_size=width)
         dims.append(layer.self_attn.dims)
-        hidden = [h + out for h, out in zip(mid, outputs)]
+        with torch.no_grad():
+            hidden = [h + layer.mlp(layer.post_attention_layernorm(h)) for h in mid]
         tensors.update({layer_prefix(index) + k: v.detach().cpu() for k, v in layer.state_dict().items()})
         release_free_memory()  # this layer's activations, freed between the tensors kept, would stay resident
     return dims, tensors
@@ -312,7 +299,6 @@ def build_report(config, dims: list[LayerDims], budgets: LayerBudgets, options: 
                        "samples": options.eval_samples, "seq_len": options.seq_len,
                        "dense": dense_ppl, "pruned": pruned_ppl},
         "allocation": {"method": options.allocation, "fisher_labels": options.fisher_labels,
-                       "fisher_inputs": options.fisher_inputs,
                        "attention_ratio": budgets.attention_ratio,
                        "mlp_ratio": budgets.mlp_ratio},
         "distillation": None if distilled is None else {

@@ -57,16 +57,16 @@ class TeacherTargets:
 
 @torch.no_grad()
 def teacher_targets(teacher: IntraSliceLlamaForCausalLM, samples: torch.Tensor, k: int = TOP_K,
-                    known_hidden: dict[int, torch.Tensor] | None = None) -> TeacherTargets:
+                    known_hidden: torch.Tensor | None = None) -> TeacherTargets:
     """Top-k log-probabilities of `teacher` at every position of `samples` [N, T], written into
     tensors allocated up front (small results kept between freed activations would pin the heap).
-    `known_hidden`: the teacher's final normed hidden states [T, d] of some samples, by index, already
+    `known_hidden` [M, T, d]: the teacher's final normed hidden states of the first M samples, already
     computed (the Fisher pass's), which spares their decoder passes."""
     device = next(teacher.parameters()).device
-    known_hidden = known_hidden or {}
+    known = 0 if known_hidden is None else min(len(known_hidden), len(samples))
     targets = TeacherTargets(torch.empty(*samples.shape, k), torch.empty(*samples.shape, k, dtype=torch.long))
     for index in tqdm(range(len(samples)), desc="distillation: teacher", unit="sample"):
-        hidden = (known_hidden[index][None].to(device) if index in known_hidden
+        hidden = (known_hidden[index:index + 1].to(device) if index < known
                   else teacher.model(samples[index:index + 1].to(device)))
         for span in chunk_spans(hidden.shape[1], FORWARD_CHUNK):
             top = F.log_softmax(teacher.logits(hidden[:, span]), -1).topk(k, -1)

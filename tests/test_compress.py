@@ -109,39 +109,6 @@ def test_budget_is_met(tiny_model, tmp_path, ratio, allocation, generated, knowl
     assert abs(report["achieved_ratio"] - ratio) <= 0.01, report["achieved_ratio"]
 
 
-def test_fisher_rows_take_the_models_own_samples_first():
-    from intraslice.compressor import fisher_rows
-
-    is_text = torch.tensor([True, False, True, False, False, True])
-    assert fisher_rows(is_text, 2, "generated") == [1, 3]
-    assert fisher_rows(is_text, 4, "generated") == [0, 1, 3, 4]  # text windows only to make up the count
-    assert fisher_rows(is_text, 2, "calibration") == [0, 1]
-
-
-@pytest.mark.parametrize("inputs", ["generated", "calibration"])
-def test_the_fisher_pass_scores_the_chosen_samples(tiny_model, tmp_path, monkeypatch, inputs):
-    import intraslice.compressor as compressor
-
-    seen = {}
-
-    def recorded(name, function):
-        def wrapper(*args, **kwargs):
-            seen[name] = result = function(*args, **kwargs)
-            if name == "fisher":
-                seen["fisher tokens"] = args[1]
-            return result
-        return wrapper
-
-    monkeypatch.setattr(compressor, "interleave", recorded("interleave", compressor.interleave))
-    monkeypatch.setattr(compressor, "fisher_statistics", recorded("fisher", compressor.fisher_statistics))
-    report = compress(tiny_model, tmp_path / "out", CompressOptions(
-        ratio=0.3, fisher_inputs=inputs, knowledge_fraction=0.0, **{**FAST, "samples": 8, "allocation_samples": 2}))
-    samples, is_text = seen["interleave"]
-    expected = samples[~is_text][:2] if inputs == "generated" else samples[:2]
-    assert is_text[:2].any() and torch.equal(seen["fisher tokens"], expected)
-    assert report["allocation"]["fisher_inputs"] == inputs
-
-
 def test_calibration_mixes_text_sources_by_share(tiny_model, tmp_path, capsys):
     sources = []
     for name in ("docs", "chats"):
@@ -273,20 +240,17 @@ def test_shrunk_mlp_equals_masked_full_width(tiny_model):
     torch.manual_seed(3)
     dense = MLP(config, config.intermediate_size)
     inputs = layer_inputs(config.hidden_size)
-    plain, plain_outputs = compress_mlp(dense, config, inputs, 48, compensate=False)
+    plain = compress_mlp(dense, config, inputs, 48, compensate=False)
     kept = [int((dense.gate_proj.weight == row).all(1).nonzero()) for row in plain.gate_proj.weight]
     mask = torch.zeros(config.intermediate_size)
     mask[kept] = 1
-    compensated, compensated_outputs = compress_mlp(dense, config, inputs, 48)
-    closest, _ = compress_mlp(dense, config, inputs, 48, ridge=0.01)
+    compensated = compress_mlp(dense, config, inputs, 48)
+    closest = compress_mlp(dense, config, inputs, 48, ridge=0.01)
     with torch.no_grad():
         error_plain = error_compensated = error_closest = 0.0
-        for x, plain_output, compensated_output in zip(inputs, plain_outputs, compensated_outputs):
+        for x in inputs:
             activation = F.silu(dense.gate_proj(x)) * dense.up_proj(x)
             assert torch.allclose(plain(x), dense.down_proj(activation * mask), atol=1e-5)
-            # the outputs returned with the shrunk MLP are its own, on the same inputs
-            assert torch.allclose(plain_output, plain(x), atol=1e-6)
-            assert torch.allclose(compensated_output, compensated(x), atol=1e-6)
             error_plain += float((plain(x) - dense(x)).pow(2).sum())
             error_compensated += float((compensated(x) - dense(x)).pow(2).sum())
             error_closest += float((closest(x) - dense(x)).pow(2).sum())
@@ -554,7 +518,6 @@ def test_bad_inputs_fail_with_one_line_and_leave_nothing(tiny_model, tmp_path, c
 
 
 @pytest.mark.parametrize("field, flag", [("allocation", "--allocation"), ("fisher_labels", "--fisher-labels"),
-                                         ("fisher_inputs", "--fisher-inputs"),
                                          ("shape_selection", "--shape-selection"),
                                          ("mlp_selection", "--mlp-selection"), ("autocast", "--autocast"),
                                          ("target", "--target")])
