@@ -126,12 +126,14 @@ class RMSNorm(nn.Module):
 
 class KVCache:
     """Per-layer keys and values [B, kv_heads, S, D] of the cached positions (`layers`: views into storage
-    that doubles when full). Token-by-token decoding thus allocates a few sizes per layer instead of a
-    larger copy at every step, which fragmented the heap while sampling calibration text."""
+    of `capacity` positions, doubled when full). Token-by-token decoding thus allocates a few sizes per
+    layer, or one given the final length, instead of a larger copy at every step, which fragmented the
+    heap while sampling calibration text."""
 
-    def __init__(self, num_layers: int):
+    def __init__(self, num_layers: int, capacity: int = 0):
         self.layers: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.storage: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
+        self.capacity = capacity
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         cached = self.layers[layer]
@@ -139,7 +141,8 @@ class KVCache:
         end = start + k.shape[2]
         storage = self.storage[layer]
         if storage is None or storage[0].shape[2] < end:
-            storage = tuple(t.new_empty(*t.shape[:2], max(end, 2 * start), t.shape[3]) for t in (k, v))
+            length = max(end, 2 * start, self.capacity)
+            storage = tuple(t.new_empty(*t.shape[:2], length, t.shape[3]) for t in (k, v))
             for new, old in zip(storage, cached or ()):
                 new[:, :, :start] = old
             self.storage[layer] = storage
