@@ -5,8 +5,9 @@ eigendecompositions (float64), the Fisher scores, the teacher's targets, the log
 
 Measured on the example model (docs/results.md): the bfloat16 distillation gave the same held-out
 perplexities as float32 to 0.06% in 15% less time. Sampling calibration text from the dense model is
-left in float32 on purpose: under bfloat16 it drew text that cost the pruned model 4% on the King
-James Bible at R = 0.3.
+left in float32: under bfloat16 it drew text that cost the pruned model 4% on the King James Bible at
+R = 0.3, but so did two other float32 draws of the same seed, so whether bfloat16 costs anything there
+is not known.
 """
 from __future__ import annotations
 
