@@ -287,6 +287,21 @@ def test_gram_from_upper_blocks_equals_the_full_product(width):
     torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
 
 
+def test_kv_cache_given_its_final_length_allocates_once():
+    from intraslice.modeling_intraslice import KVCache
+
+    keys = torch.randn(2, 3, 8, 4)
+    sized, doubling = KVCache(1, capacity=8), KVCache(1)
+    for position in range(8):
+        step = keys[:, :, position:position + 1]
+        for cache in (sized, doubling):
+            k, v = cache.update(0, step, -step)
+            assert torch.equal(k, keys[:, :, :position + 1]) and torch.equal(v, -keys[:, :, :position + 1])
+        if position == 0:
+            storage = sized.storage[0][0]
+        assert sized.storage[0][0] is storage and storage.shape[2] == 8
+
+
 def test_generated_calibration_is_seeded_and_in_vocabulary(tiny_model):
     from intraslice.generated import sample_token_windows
 
