@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from intraslice.calibration import eigh_descending
 from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, backward_mean_nll
+from intraslice.generated import draw_tokens
 from intraslice.heap import release_free_memory
 from intraslice.io import UserError
 from intraslice.modeling_intraslice import dense_head_dim
@@ -157,7 +158,7 @@ def backward_sampled_nll(model, hidden: torch.Tensor, generator: torch.Generator
 
     def chunk_loss(h: torch.Tensor, span: slice) -> torch.Tensor:
         logits = model.lm_head(h).float().flatten(0, 1)
-        drawn = torch.multinomial(logits.detach().softmax(-1).cpu(), 1, generator=generator).squeeze(1)
+        drawn = draw_tokens(logits.detach().softmax(-1).cpu(), generator)
         return F.cross_entropy(logits, drawn.to(logits.device), reduction="sum") / count
     backward_in_chunks(hidden, chunk_loss)
 

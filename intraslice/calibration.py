@@ -25,13 +25,18 @@ def embed_batches(embedding: torch.Tensor, tokens: torch.Tensor, batch_size: int
 
 
 class Covariance:
-    """Running sum of x^T y over the rows of 2-D batches, in float64."""
+    """Running sum of x^T y over the rows of batches [b, ..., d], in float64, each sample's rows weighted
+    by its entry of `weights` [b] where given."""
 
     def __init__(self):
         self.sum: torch.Tensor | None = None
         self.count = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
+        if weights is not None:  # sqrt(w) on both factors: w x^T y, and x^T x stays a Gram matrix
+            scale = weights.double().sqrt().view(-1, *[1] * (x.dim() - 1)).to(x.device)
+            x = x.double() * scale
+            y = None if y is None else y.double() * scale
         x = x.reshape(-1, x.shape[-1]).double()
         product = gram(x) if y is None else x.T @ y.reshape(-1, y.shape[-1]).double()
         self.sum = product if self.sum is None else self.sum + product

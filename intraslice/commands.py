@@ -24,7 +24,8 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
             allocation_samples=args.allocation_samples, fisher_labels=args.fisher_labels, group_size=args.group_size,
             global_frac=args.global_frac, attention_share=args.attention_share,
             head_dims=tuple(args.head_dims), tp_size=args.tp_size, mlp_multiple=args.mlp_multiple,
-            compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge, target=args.target,
+            compensate=not args.no_compensation, mlp_ridge=args.mlp_ridge,
+            mlp_text_weight=args.mlp_text_weight, target=args.target,
             shape_selection=args.shape_selection, mlp_selection=args.mlp_selection, distill_steps=args.distill_steps,
             distill_lr=args.distill_lr, distill_rank=args.distill_rank,
             distill_text_weight=args.distill_text_weight, eval_samples=args.eval_samples,
@@ -125,6 +126,10 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                    help="ridge of the MLP's least-squares fold, as a multiple of the mean channel energy; "
                         "larger keeps the fold to correlations that carry over to other text (the paper: 0.01) "
                         f"(default: {defaults.mlp_ridge})")
+    p.add_argument("--mlp-text-weight", type=float, default=defaults.mlp_text_weight,
+                   help="weight of each calibration text window against each of the model's own samples in the "
+                        "MLPs' statistics (which channels stay, the least-squares folds); below 1 the layers lean "
+                        f"less on the calibration text's domain (default: {defaults.mlp_text_weight:g})")
     p.add_argument("--shape-selection", choices=SHAPE_SELECTIONS, default=defaults.shape_selection,
                    help="per-layer attention shape: the candidate with the lowest measured least-squares error "
                         "of the attention output (error), or the paper's retained PCA score (score) "

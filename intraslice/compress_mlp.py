@@ -39,13 +39,15 @@ def mlp_width(budget: float, hidden: int, intermediate: int, multiple: int) -> i
 @torch.no_grad()
 def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compensate: bool = True,
                  targets: list[torch.Tensor] | None = None, selection: str = "score",
-                 ridge: float = MLP_RIDGE) -> MLP:
+                 ridge: float = MLP_RIDGE, weights: list[torch.Tensor] | None = None) -> MLP:
     """A physically smaller `MLP` with `width` channels, for normed layer inputs `inputs`.
     `targets`: what the down_proj output (without bias) should be, per batch; by default the
-    layer's own unpruned output (the paper's reconstruction of the dropped channels)."""
+    layer's own unpruned output (the paper's reconstruction of the dropped channels). `weights`: each
+    sample's weight [b] per batch in the statistics (channel scores and fold); equal by default."""
+    weights = weights or [None] * len(inputs)
     cov = Covariance()
-    for x in inputs:
-        cov.add(activation(mlp, x))
+    for x, w in zip(inputs, weights):
+        cov.add(activation(mlp, x), weights=w)
     down = mlp.down_proj.weight.double()
     kept = (obs_channels(cov.sum, down, width, ridge) if selection == "obs"
             else (cov.sum.diagonal() * down.pow(2).sum(0)).argsort(descending=True)[:width].sort().values)
@@ -58,8 +60,8 @@ def compress_mlp(mlp: MLP, config, inputs: list[torch.Tensor], width: int, compe
         new_down = new_down + down[:, dropped] @ q_t.T
     elif compensate and len(dropped):
         cross = Covariance()
-        for x, target in zip(inputs, targets):
-            cross.add(activation(mlp, x)[..., kept], target)
+        for x, target, w in zip(inputs, targets, weights):
+            cross.add(activation(mlp, x)[..., kept], target, w)
         new_down = least_squares(cov.sum[kept][:, kept], cross.sum, ridge).T
     new = MLP(config, width)
     new.gate_proj.weight.copy_(mlp.gate_proj.weight[kept])

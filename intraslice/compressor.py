@@ -82,7 +82,7 @@ def compress(model_dir: str | Path, out_dir: str | Path, options: CompressOption
         config, weights, tokenizer, options, log)
     source_config = llama_layout(json.loads((model_dir / "config.json").read_text()))
     with log.stage("compression"):
-        dims, tensors = compress_layers(config, weights, calibration, budgets, options)
+        dims, tensors = compress_layers(config, weights, calibration, text_rows, budgets, options)
         model = assemble_model(llama_config(pruned_config(source_config, dims, [])), weights, tensors, options.device)
     distilled = None
     if teacher is not None:
@@ -179,8 +179,8 @@ def interleave(text: torch.Tensor, generated: torch.Tensor, seed: int) -> tuple[
 
 
 @torch.no_grad()
-def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tensor, budgets: LayerBudgets,
-                    options: CompressOptions) -> tuple[list[LayerDims], dict[str, torch.Tensor]]:
+def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tensor, text_rows: torch.Tensor,
+                    budgets: LayerBudgets, options: CompressOptions) -> tuple[list[LayerDims], dict[str, torch.Tensor]]:
     """Compress every decoder layer, in order, on the outputs of the already compressed ones.
     Rounding (head shapes, MLP multiples) is carried into the next MLP so the total budget holds.
     With `target="dense"`, the dense model's stream runs alongside, and the least-squares folds fit
@@ -192,6 +192,7 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
     attention_options = AttentionOptions(options.head_dims, options.tp_size, options.compensate,
                                          options.shape_selection)
     multiple = math.lcm(options.mlp_multiple, options.tp_size)
+    sample_weights = [torch.where(rows, options.mlp_text_weight, 1.0) for rows in text_rows.split(options.batch_size)]
     dense = dense_layer_dims(config)
     teacher = list(hidden) if options.target == "dense" else None
     dims, tensors, carry = [], {}, 0.0  # carry: weights allowed but not yet spent
@@ -221,7 +222,8 @@ def compress_layers(config, weights: CheckpointWeights, calibration: torch.Tenso
         width = mlp_width(budgets.mlp_params[index] + carry, config.hidden_size, config.intermediate_size, multiple)
         carry += budgets.mlp_params[index] - mlp_params(config.hidden_size, width)
         layer.mlp = compress_mlp(layer.mlp, config, [layer.post_attention_layernorm(h) for h in mid], width,
-                                 options.compensate, mlp_targets, options.mlp_selection, options.mlp_ridge)
+                                 options.compensate, mlp_targets, options.mlp_selection, options.mlp_ridge,
+                                 sample_weights)
         layer.self_attn.dims = replace(a, intermediate_size=width)
         dims.append(layer.self_attn.dims)
         with torch.no_grad():

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from intraslice.allocation import fisher_statistics
+from intraslice.generated import draw_tokens
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
 
 HEADS, HEAD_DIM, INTERMEDIATE = 4, 12, 64
@@ -68,7 +69,7 @@ def test_sampled_label_statistics_equal_explicit_mask_gradients():
 
     def sampled_nll(model: IntraSliceLlamaForCausalLM, sample: torch.Tensor) -> torch.Tensor:
         logits = model(sample[None]).logits[0].float()
-        drawn = torch.multinomial(logits.detach().softmax(-1), 1, generator=generator).squeeze(1)
+        drawn = draw_tokens(logits.detach().softmax(-1), generator)
         assert not torch.equal(drawn[:-1], sample[1:])
         return F.cross_entropy(logits, drawn)
     assert_statistics_match(stats, tokens, sampled_nll)

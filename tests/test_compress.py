@@ -135,6 +135,19 @@ def test_default_calibration_mix():
     assert generated_samples(CompressOptions(ratio=0.0)) == (0, 0, 0)  # nothing pruned: nothing to sample
 
 
+def test_mlp_text_weight_reaches_the_mlp_fits(tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    options = dict(ratio=0.3, mlp_multiple=1, **{**FAST, "distill_steps": 0, "eval_samples": 0})
+    down_proj = {}
+    for weight in (1.0, 0.01):
+        compress(tiny_model, tmp_path / str(weight), CompressOptions(mlp_text_weight=weight, **options))
+        tensors = load_file(tmp_path / str(weight) / "model.safetensors")
+        down_proj[weight] = [tensor for name, tensor in sorted(tensors.items()) if name.endswith("down_proj.weight")]
+    assert [t.shape for t in down_proj[1.0]] == [t.shape for t in down_proj[0.01]]  # the same budget
+    assert not all(torch.equal(a, b) for a, b in zip(down_proj[1.0], down_proj[0.01]))
+
+
 @pytest.mark.parametrize("share", [0.0, 0.5])
 def test_attention_share_splits_the_budget(tiny_model, tmp_path, share):
     report = compress(tiny_model, tmp_path / "out",
@@ -258,6 +271,24 @@ def test_shrunk_mlp_equals_masked_full_width(tiny_model):
     assert error_closest < error_compensated  # on the fitted inputs, a weaker ridge fits closer
 
 
+@pytest.mark.parametrize("to_dense_stream", [False, True])
+def test_mlp_sample_weights_count_a_sample_as_often_as_its_weight(tiny_model, to_dense_stream):
+    """Weights 2, 0, 1 must give the MLP that the first sample twice, the third once would: the same
+    channels and the same fold, towards its own output or towards given targets."""
+    from intraslice.adapters import load_llama_config
+
+    config = load_llama_config(tiny_model)
+    torch.manual_seed(5)
+    dense = MLP(config, config.intermediate_size)
+    x = torch.randn(3, 16, config.hidden_size)
+    targets = torch.randn(3, 16, config.hidden_size) if to_dense_stream else None
+    weighted = compress_mlp(dense, config, [x], 48, targets=None if targets is None else [targets],
+                            weights=[torch.tensor([2.0, 0.0, 1.0])])
+    repeated = compress_mlp(dense, config, [x[[0, 0, 2]]], 48, targets=None if targets is None else [targets[[0, 0, 2]]])
+    for name, tensor in weighted.state_dict().items():
+        torch.testing.assert_close(tensor, repeated.state_dict()[name], rtol=1e-5, atol=1e-6)
+
+
 def test_obs_channels_equal_exhaustive_greedy_elimination():
     """One channel a round, the Schur-complement downdates must pick exactly what a brute-force greedy
     picks: at each step, drop the channel whose removal leaves the least least-squares error."""
@@ -285,6 +316,20 @@ def test_gram_from_upper_blocks_equals_the_full_product(width):
 
     x = torch.randn(40, width, dtype=torch.float64)
     torch.testing.assert_close(gram(x), x.T @ x, rtol=1e-12, atol=1e-12)
+
+
+def test_drawn_tokens_follow_the_distribution():
+    from intraslice.generated import draw_tokens
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3], [0.9, 0.0, 0.1, 0.0, 0.0]])
+    rows = probs.repeat(50_000, 1)
+    drawn = draw_tokens(rows, torch.Generator().manual_seed(0))
+    for row in range(2):
+        frequencies = torch.bincount(drawn[row::2], minlength=5) / 50_000
+        assert (frequencies[probs[row] == 0] == 0).all()  # never a token of probability zero
+        torch.testing.assert_close(frequencies, probs[row], atol=0.01, rtol=0)  # 4.5 standard deviations
+    again = draw_tokens(rows[:64], torch.Generator().manual_seed(0))
+    assert torch.equal(again, drawn[:64]) and not torch.equal(again, draw_tokens(rows[:64], torch.Generator()))
 
 
 def test_kv_cache_given_its_final_length_allocates_once():
@@ -510,6 +555,8 @@ def make_bad_inputs(model: Path, root: Path) -> dict[str, tuple[list[str], str]]
         "opening share": ([str(model), str(root / "out"), "--ratio", "0.2", "--opening-share", "1.5"],
                           "--opening-share"),
         "negative ridge": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-ridge", "-1"], "--mlp-ridge"),
+        "zero text weight": ([str(model), str(root / "out"), "--ratio", "0.2", "--mlp-text-weight", "0"],
+                                 "--mlp-text-weight"),
         "negative distillation": ([str(model), str(root / "out"), "--ratio", "0.2", "--distill-steps", "-1"],
                                   "--distill-steps"),
         "attention share": ([str(model), str(root / "out"), "--ratio", "0.2", "--attention-share", "1.5"],
