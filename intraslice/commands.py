@@ -128,7 +128,7 @@ def add_compress(sub: argparse._SubParsersAction) -> None:
                         f"(default: {defaults.mlp_ridge})")
     p.add_argument("--mlp-text-weight", type=float, default=defaults.mlp_text_weight,
                    help="weight of each calibration text window against each of the model's own samples in the "
-                        "MLPs' statistics (which channels stay, the least-squares folds); below 1 the layers lean "
+                        "MLPs' statistics (which channels stay, the least-squares folds); below 1 the MLPs lean "
                         f"less on the calibration text's domain (default: {defaults.mlp_text_weight:g})")
     p.add_argument("--shape-selection", choices=SHAPE_SELECTIONS, default=defaults.shape_selection,
                    help="per-layer attention shape: the candidate with the lowest measured least-squares error "
