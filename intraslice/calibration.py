@@ -33,12 +33,12 @@ class Covariance:
         self.count = 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
+        x, y = x.double(), None if y is None else y.double()
         if weights is not None:  # sqrt(w) on both factors: w x^T y, and x^T x stays a Gram matrix
             scale = weights.double().sqrt().view(-1, *[1] * (x.dim() - 1)).to(x.device)
-            x = x.double() * scale
-            y = None if y is None else y.double() * scale
-        x = x.reshape(-1, x.shape[-1]).double()
-        product = gram(x) if y is None else x.T @ y.reshape(-1, y.shape[-1]).double()
+            x, y = x * scale, None if y is None else y * scale
+        x = x.reshape(-1, x.shape[-1])
+        product = gram(x) if y is None else x.T @ y.reshape(-1, y.shape[-1])
         self.sum = product if self.sum is None else self.sum + product
         self.count += x.shape[0]
 
