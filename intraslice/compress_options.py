@@ -45,7 +45,7 @@ class CompressOptions:
     mlp_multiple: int = 8
     compensate: bool = True
     mlp_ridge: float = MLP_RIDGE
-    mlp_text_weight: float = 1.0  # each text window's weight in the MLP fits, against each of the model's own samples
+    mlp_text_weight: float | None = None  # a text window's weight in the MLP fits; None: compressor.default_mlp_text_weight
     target: str = "own"
     shape_selection: str = "error"
     mlp_selection: str = "score"
@@ -79,7 +79,7 @@ def validate(options: CompressOptions) -> None:
         raise UserError("--tp-size, --mlp-multiple, --batch-size and --group-size must be >= 1")
     if any(d < 2 or d % 2 for d in options.head_dims):
         raise UserError(f"--head-dims {options.head_dims}: every head dim must be even and >= 2")
-    if not options.mlp_text_weight > 0:
+    if options.mlp_text_weight is not None and not options.mlp_text_weight > 0:
         raise UserError(f"--mlp-text-weight {options.mlp_text_weight} must be > 0")
     if options.mlp_ridge < 0:
         raise UserError(f"--mlp-ridge {options.mlp_ridge} must be >= 0")

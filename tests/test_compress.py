@@ -18,7 +18,8 @@ from intraslice.cli import main
 from intraslice.compress_attention import AttentionOptions, compress_attention
 from intraslice.compress_mlp import compress_mlp, obs_channels
 from intraslice.compress_options import CompressOptions
-from intraslice.compressor import compress, generated_samples, text_windows
+from intraslice.compressor import (BUILTIN_TEXT_MLP_WEIGHT, compress, default_mlp_text_weight, generated_samples,
+                                   text_windows)
 from intraslice.evaluate import load_reference_model
 from intraslice.modeling_intraslice import Attention, LayerDims, MLP, dense_layer_dims
 
@@ -139,13 +140,23 @@ def test_mlp_text_weight_reaches_the_mlp_fits(tiny_model, tmp_path):
     from safetensors.torch import load_file
 
     options = dict(ratio=0.3, mlp_multiple=1, **{**FAST, "distill_steps": 0, "eval_samples": 0})
-    down_proj = {}
-    for weight in (1.0, 0.01):
-        compress(tiny_model, tmp_path / str(weight), CompressOptions(mlp_text_weight=weight, **options))
+    down_proj, reports = {}, {}
+    for weight in (1.0, 0.01, None):
+        reports[weight] = compress(tiny_model, tmp_path / str(weight), CompressOptions(mlp_text_weight=weight, **options))
         tensors = load_file(tmp_path / str(weight) / "model.safetensors")
         down_proj[weight] = [tensor for name, tensor in sorted(tensors.items()) if name.endswith("down_proj.weight")]
     assert [t.shape for t in down_proj[1.0]] == [t.shape for t in down_proj[0.01]]  # the same budget
     assert not all(torch.equal(a, b) for a, b in zip(down_proj[1.0], down_proj[0.01]))
+    # the built-in prose's default weight, recorded as used
+    assert reports[None]["options"]["mlp_text_weight"] == BUILTIN_TEXT_MLP_WEIGHT
+    assert not all(torch.equal(a, b) for a, b in zip(down_proj[1.0], down_proj[None]))
+
+
+def test_mlp_text_weight_defaults_to_full_for_your_own_text():
+    assert default_mlp_text_weight((None,)) == default_mlp_text_weight(("builtin:pydoc",)) == BUILTIN_TEXT_MLP_WEIGHT
+    assert default_mlp_text_weight(("traffic.jsonl",)) == 1.0
+    assert default_mlp_text_weight((None, "traffic.jsonl")) == 1.0
+    assert default_mlp_text_weight(("builtin:kjv",)) == 1.0  # named on purpose: fitted as given
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5])
