@@ -115,9 +115,9 @@ def default_mlp_text_weight(texts: tuple[str | None, ...]) -> float:
     """The weight of each calibration text window, against each of the model's own samples, in the MLPs'
     statistics, unless `--mlp-text-weight` gives one. Your own text is the traffic to fit: 1. The
     built-in prose alone only stands in for traffic nobody named, so the MLPs lean on the model's own
-    samples, which cover more of what it is asked: 0.25. On the example model that took unseen older
-    prose 1-8% closer to dense (the King James Bible 3.5-7.8%) for 5-7% of the prose's own domain and
-    1-6% of modern unseen text (docs/results.md)."""
+    samples, which cover more of what it is asked: 0.25. On the example model that took the King
+    James Bible 2.6-7.8% and Newton's Opticks 0.5-2.5% closer to dense, for 3.5-8.5% of the prose's own
+    domain and up to 6.2% of modern unseen text (eight paired runs, docs/results.md)."""
     return BUILTIN_TEXT_MLP_WEIGHT if all(text in (None, PYDOC_SOURCE) for text in texts) else 1.0
 
 

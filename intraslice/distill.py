@@ -20,10 +20,8 @@ perplexity, every unseen text 0.5-4% closer, and left the KL on the model's own 
   same domain (docs/results.md), without three extra copies of the weights.
 - Safety: updates that do not lower the loss (the KL, plus the weighted NLL on text windows) on the
   first calibration samples are dropped.
-- Memory: one sample per step, the loss taken in chunks of positions. Unlike the Fisher pass, the
-  steps keep every layer's activations for the backward pass instead of recomputing them: the
-  bfloat16 activations of one sample are small beside the model (the example model's peak memory
-  did not move), and the recomputed forward took a sixth of each step.
+- Memory: one sample per step, checkpointed layer by layer like the Fisher pass, the loss taken in
+  chunks of positions.
 - Precision: the decoder's passes under bfloat16 autocast where the device multiplies bfloat16
   natively (`--autocast`, intraslice.precision); the logits, the loss and the check stay float32.
 """
@@ -37,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from intraslice.evaluate import backward_in_chunks, chunk_spans
+from intraslice.evaluate import backward_in_chunks, backward_layer_by_layer, chunk_spans
 from intraslice.heap import release_free_memory
 from intraslice.modeling_intraslice import IntraSliceLlamaForCausalLM
 from intraslice.precision import bfloat16_autocast
@@ -187,7 +185,7 @@ def distill(model: IntraSliceLlamaForCausalLM, samples: torch.Tensor, targets: T
                 return loss / sample.numel()
 
             with bfloat16_autocast(device, bfloat16):
-                backward_in_chunks(model.model(sample), chunk_loss)
+                backward_layer_by_layer(model, sample, lambda hidden: backward_in_chunks(hidden, chunk_loss))
             torch.nn.utils.clip_grad_norm_(updates.parameters(), 1.0)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
