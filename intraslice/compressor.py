@@ -118,7 +118,7 @@ def default_mlp_text_weight(texts: tuple[str | None, ...]) -> float:
     samples, which cover more of what it is asked: 0.25. On the example model that took the King
     James Bible 2.6-7.8% and Newton's Opticks 0.5-2.5% closer to dense, for 3.5-8.5% of the prose's own
     domain and up to 6.2% of modern unseen text (eight paired runs, docs/results.md)."""
-    return BUILTIN_TEXT_MLP_WEIGHT if all(text in (None, PYDOC_SOURCE) for text in texts) else 1.0
+    return BUILTIN_TEXT_MLP_WEIGHT if all(describe_source(text) == PYDOC_SOURCE for text in texts) else 1.0
 
 
 def calibrate_and_allocate(config, weights: CheckpointWeights, tokenizer, options: CompressOptions, log: StageLog

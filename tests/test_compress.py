@@ -142,7 +142,8 @@ def test_mlp_text_weight_reaches_the_mlp_fits(tiny_model, tmp_path):
     options = dict(ratio=0.3, mlp_multiple=1, **{**FAST, "distill_steps": 0, "eval_samples": 0})
     down_proj, reports = {}, {}
     for weight in (1.0, 0.01, None):
-        reports[weight] = compress(tiny_model, tmp_path / str(weight), CompressOptions(mlp_text_weight=weight, **options))
+        reports[weight] = compress(tiny_model, tmp_path / str(weight),
+                                   CompressOptions(mlp_text_weight=weight, **options))
         tensors = load_file(tmp_path / str(weight) / "model.safetensors")
         down_proj[weight] = [tensor for name, tensor in sorted(tensors.items()) if name.endswith("down_proj.weight")]
     assert [t.shape for t in down_proj[1.0]] == [t.shape for t in down_proj[0.01]]  # the same budget
